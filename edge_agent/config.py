@@ -1,0 +1,265 @@
+"""One frozen configuration model, read from TOML, with environment overrides.
+
+Every stage receives only its own section. Unknown keys are rejected so that a typo fails at start
+instead of being silently ignored for years.
+
+Environment overrides (for secrets and ports that differ per gateway):
+``EDGE_AGENT__<SECTION>__<KEY>=value`` sets ``[section] key``; nested sections go deeper with more
+``__`` (``EDGE_AGENT__SINK__TLS__CA_FILE=/etc/ssl/ca.pem``). Values are parsed as TOML scalars when they
+parse (``1884``, ``true``, ``"x"``), else taken as strings. Routes and tasks come from the file only.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+ENV_PREFIX = "EDGE_AGENT__"
+_TOPIC_WILDCARDS = re.compile(r"[+#]")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Frozen):
+    ca_file: Path | None = Field(None, description="CA bundle that signed the broker's certificate")
+    cert_file: Path | None = Field(None, description="client certificate for mutual TLS")
+    key_file: Path | None = Field(None, description="private key of cert_file")
+    insecure: bool = Field(False, description="skip hostname verification (testing only)")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together: set both for mutual TLS, or neither")
+        return self
+
+
+class BrokerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    protocol: Literal["5", "3.1.1"] = "5"
+    client_id: str | None = Field(None, min_length=1, max_length=64)
+    keepalive: int = Field(30, ge=5, le=65535, description="seconds; a dead link is noticed after 1.5x")
+    username: str | None = None
+    password_file: Path | None = None
+    tls: TLSConfig | None = None
+    session_expiry: int = Field(
+        7 * 24 * 3600, ge=0, description="seconds the broker keeps our session (MQTT 5) after a disconnect"
+    )
+    reconnect_min_delay: float = Field(1.0, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+
+    @field_validator("protocol", mode="before")
+    @classmethod
+    def _protocol_str(cls, v: Any) -> Any:
+        # `protocol = 5` in TOML is an int; accept it rather than make people quote it.
+        return str(v) if isinstance(v, int | float) else v
+
+    @model_validator(mode="after")
+    def _delays(self) -> BrokerConfig:
+        if self.reconnect_max_delay < self.reconnect_min_delay:
+            raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
+        if self.password_file is not None and self.username is None:
+            raise ValueError("password_file is set but username is not: set username too")
+        return self
+
+    def password(self) -> str | None:
+        """Read the password from its file (trailing newline stripped). Never logged."""
+        if self.password_file is None:
+            return None
+        return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+
+
+class SourceConfig(BrokerConfig):
+    receive_maximum: int = Field(
+        256, ge=1, le=65535, description="unacked inbound messages the broker may send us (MQTT 5)"
+    )
+
+
+class SinkConfig(BrokerConfig):
+    port: int = Field(1883, ge=1, le=65535)
+    inflight: int = Field(64, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
+    replay_rate: float = Field(
+        500.0, gt=0, description="backlog results per second replayed after an outage (token bucket)"
+    )
+    replay_burst: int = Field(100, ge=1)
+    status_topic: str = Field("edge/status/{gateway}", min_length=1)
+
+
+class OutboxConfig(_Frozen):
+    path: Path = Path("/var/lib/edge-agent/outbox.db")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024, description="oldest rows dropped beyond this")
+    max_age_s: float = Field(30 * 24 * 3600, gt=0, description="rows older than this are dropped")
+
+
+class PipelineConfig(_Frozen):
+    batch_max: int = Field(64, ge=1, le=10_000, description="messages processed and committed together")
+    batch_wait_ms: int = Field(20, ge=0, le=10_000, description="how long to wait to fill a batch")
+    drain_timeout_s: float = Field(10.0, ge=0, description="on stop, how long to finish queued work")
+    max_payload_bytes: int = Field(256 * 1024, ge=16, le=256 * 1024 * 1024)
+    max_json_depth: int = Field(32, ge=1, le=1000)
+
+
+class PatternsTaskConfig(_Frozen):
+    kind: Literal["patterns"] = "patterns"
+    asset_patterns: tuple[str, ...] = Field(
+        (r"\b[A-Z]{1,4}-?\d{2,5}[A-Z]?\b",), description="regexes for asset tags (e.g. P-101, HX12)"
+    )
+    code_patterns: tuple[str, ...] = Field(
+        (r"\b(?:E|ERR|F|ALM|A)[-_ ]?\d{2,5}\b",), description="regexes for alarm/fault codes (e.g. E-042)"
+    )
+    units: bool = Field(True, description="extract numbers with units, normalised")
+
+    @field_validator("asset_patterns", "code_patterns")
+    @classmethod
+    def _compiles(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for p in v:
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"regex {p!r} does not compile: {e}") from e
+        return v
+
+
+TaskConfig = Annotated[PatternsTaskConfig, Field(discriminator="kind")]
+
+
+class RouteConfig(_Frozen):
+    topic: str = Field(min_length=1, description="MQTT topic filter, wildcards allowed")
+    text_field: str = Field("text", min_length=1, description="JSON field (dotted path) holding the text")
+    id_field: str | None = Field(None, min_length=1, description="JSON field (dotted path) with the producer id")
+    output_topic: str = Field("edge/results/{topic}", min_length=1)
+    tasks: tuple[str, ...] = ()
+
+    @field_validator("topic")
+    @classmethod
+    def _filter_valid(cls, v: str) -> str:
+        levels = v.split("/")
+        for i, level in enumerate(levels):
+            if "#" in level and (level != "#" or i != len(levels) - 1):
+                raise ValueError("'#' must be a whole level and the last one (e.g. plant/#)")
+            if "+" in level and level != "+":
+                raise ValueError("'+' must be a whole level (e.g. plant/+/notes)")
+        return v
+
+    @field_validator("output_topic")
+    @classmethod
+    def _output_concrete(cls, v: str) -> str:
+        if _TOPIC_WILDCARDS.search(v.replace("{topic}", "")):
+            raise ValueError("output_topic must not contain '+' or '#'")
+        return v
+
+
+class LogConfig(_Frozen):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Config(_Frozen):
+    gateway_id: str = Field("gateway", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
+    dead_letter_topic: str = Field("edge/deadletter", min_length=1)
+    source: SourceConfig = SourceConfig()
+    sink: SinkConfig = SinkConfig()
+    outbox: OutboxConfig = OutboxConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    log: LogConfig = LogConfig()
+    tasks: dict[str, TaskConfig] = Field(default_factory=dict)
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+
+    @field_validator("dead_letter_topic")
+    @classmethod
+    def _dlq_concrete(cls, v: str) -> str:
+        if _TOPIC_WILDCARDS.search(v):
+            raise ValueError("dead_letter_topic must not contain '+' or '#'")
+        return v
+
+    @model_validator(mode="after")
+    def _tasks_exist(self) -> Config:
+        known = set(self.tasks) | set(BUILTIN_TASKS)
+        for i, route in enumerate(self.routes):
+            for name in route.tasks:
+                if name not in known:
+                    raise ValueError(
+                        f"routes.{i}.tasks names unknown task {name!r}; declare it as [tasks.{name}] "
+                        f"or use one of: {', '.join(sorted(known))}"
+                    )
+        return self
+
+    def task(self, name: str) -> TaskConfig:
+        return self.tasks.get(name) or BUILTIN_TASKS[name]
+
+
+BUILTIN_TASKS: dict[str, PatternsTaskConfig] = {"patterns": PatternsTaskConfig()}
+
+_HINTS = {
+    "missing": "add this key",
+    "extra_forbidden": "remove this key or check its spelling",
+    "literal_error": "use one of the allowed values",
+    "int_parsing": "use a whole number",
+    "int_type": "use a whole number",
+    "float_parsing": "use a number",
+    "bool_parsing": "use true or false",
+    "string_type": "use a quoted string",
+    "greater_than_equal": "raise the value",
+    "greater_than": "raise the value",
+    "less_than_equal": "lower the value",
+    "string_too_short": "give a non-empty value",
+    "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
+    "too_short": "add at least one entry (e.g. one [[routes]] table)",
+    "union_tag_invalid": "set kind to a known task kind (patterns)",
+}
+
+
+def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    for key, raw in environ.items():
+        if not key.startswith(ENV_PREFIX):
+            continue
+        path = [p.lower() for p in key[len(ENV_PREFIX) :].split("__") if p]
+        if not path or path[0] in ("routes", "tasks"):
+            raise ConfigError(key, "routes and tasks cannot be set from the environment", "set them in the file")
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(key, f"{part} is not a section", "override a key inside a section")
+            node = child
+        try:
+            node[path[-1]] = tomllib.loads(f"v = {raw}")["v"]
+        except tomllib.TOMLDecodeError:
+            node[path[-1]] = raw
+    return data
+
+
+def parse(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
+    """Validate a config mapping (as read from TOML) plus environment overrides."""
+    data = _apply_env(dict(data), os.environ if environ is None else environ)
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        raise ConfigError(field, msg, _HINTS.get(err["type"], "see configs/ for a working example")) from None
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file. Raises ConfigError naming the field and the fix."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("--config", f"cannot read {p}: {e.strerror}", "pass the path of a TOML file") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(p), f"not valid TOML: {e}", "fix the syntax at the line shown") from None
+    return parse(data, environ)
