@@ -188,9 +188,11 @@ class Config(_Frozen):
         for i, route in enumerate(self.routes):
             for name in route.tasks:
                 if name not in known:
-                    raise ValueError(
-                        f"routes.{i}.tasks names unknown task {name!r}; declare it as [tasks.{name}] "
-                        f"or use one of: {', '.join(sorted(known))}"
+                    # ConfigError passes through pydantic untouched, keeping the precise field path.
+                    raise ConfigError(
+                        f"routes.{i}.tasks",
+                        f"unknown task {name!r}",
+                        f"declare it as [tasks.{name}] or use one of: {', '.join(sorted(known))}",
                     )
         return self
 
@@ -216,6 +218,11 @@ _HINTS = {
     "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
     "too_short": "add at least one entry (e.g. one [[routes]] table)",
     "union_tag_invalid": "set kind to a known task kind (patterns)",
+}
+
+
+_FIELD_HINTS = {
+    ("routes", "missing"): 'add at least one [[routes]] table, e.g. topic = "plant/+/notes"',
 }
 
 
@@ -248,7 +255,8 @@ def parse(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Con
         err = e.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        raise ConfigError(field, msg, _HINTS.get(err["type"], "see configs/ for a working example")) from None
+        hint = _FIELD_HINTS.get((field, err["type"])) or _HINTS.get(err["type"], "see configs/ for a working example")
+        raise ConfigError(field, msg, hint) from None
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:

@@ -1,0 +1,90 @@
+"""Building paho clients the same way for source and sink: protocol, TLS, credentials, limits.
+
+paho traps handled here, once: `max_*_set` must be called before `connect()`; MQTT 5 session
+persistence is `clean_start=False` on *every* connect (paho's default only keeps the first one clean),
+while 3.1.1 spells it `clean_session=False` in the constructor.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from .config import BrokerConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    topic: str
+    payload: bytes
+    retain: bool = True
+
+
+def make_client(
+    cfg: BrokerConfig,
+    client_id: str,
+    *,
+    persistent: bool,
+    manual_ack: bool = False,
+    inflight: int = 20,
+    will: Will | None = None,
+) -> mqtt.Client:
+    v5 = cfg.protocol == "5"
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else not persistent,
+        manual_ack=manual_ack,
+    )
+    client.enable_logger(logging.getLogger("paho"))
+    client.max_inflight_messages_set(inflight)
+    client.max_queued_messages_set(0)  # unbounded: our own window keeps paho's queue small
+    client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
+    if cfg.username is not None:
+        try:
+            password = cfg.password()
+        except OSError as e:
+            raise ConfigError("password_file", f"cannot read {cfg.password_file}: {e.strerror}",
+                              "make the file readable by the service user") from None
+        client.username_pw_set(cfg.username, password)
+    if cfg.tls is not None:
+        tls = cfg.tls
+        try:
+            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
+            if tls.cert_file is not None:
+                ctx.load_cert_chain(tls.cert_file, tls.key_file)
+        except (OSError, ssl.SSLError) as e:
+            raise ConfigError("tls", f"cannot load TLS files: {e}", "check ca_file, cert_file and key_file") from None
+        if tls.insecure:
+            ctx.check_hostname = False
+        client.tls_set_context(ctx)
+    if will is not None:
+        client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
+    return client
+
+
+def connect_async(client: mqtt.Client, cfg: BrokerConfig, *, persistent: bool, receive_maximum: int | None = None) -> None:
+    """Start connecting in the background; paho's loop retries with backoff until stopped."""
+    if cfg.protocol == "5":
+        props = Properties(PacketTypes.CONNECT)
+        if persistent:
+            props.SessionExpiryInterval = cfg.session_expiry
+        if receive_maximum is not None:
+            props.ReceiveMaximum = receive_maximum
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=not persistent, properties=props)
+    else:
+        client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+
+
+def is_failure(reason_code: object) -> bool:
+    """A v5 reason code >= 0x80 is a failure. 16 ("No matching subscribers") is a success."""
+    is_fail = getattr(reason_code, "is_failure", None)
+    return bool(is_fail) if is_fail is not None else False

@@ -1,0 +1,183 @@
+"""The processor stage: inbound batch → decode → tasks → results committed → inbound acked.
+
+One worker thread takes up to `batch_max` messages (waiting at most `batch_wait_ms` to fill a batch),
+runs each route's tasks over the whole batch at once (model tasks batch across messages), commits all
+results and dead-letter records in one outbox transaction, and only then acks the inbound messages.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import structlog
+from paho.mqtt.client import topic_matches_sub
+
+from .config import Config, RouteConfig
+from .decode import decode
+from .errors import DecodeError
+from .outbox import Outbox
+from .processors import Note, Task
+from .results import deadletter_payload, output_topic, result_id, result_payload
+from .source import Inbound
+
+log = structlog.get_logger(__name__)
+
+_STOP = object()
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One (message, route) pair on its way to the outbox."""
+
+    item: Inbound
+    route: RouteConfig
+    rid: str
+    out_topic: str
+    note: Note
+
+
+class Pipeline:
+    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue,
+                 ack, on_commit) -> None:
+        self._cfg = cfg
+        self._limits = cfg.pipeline
+        self._tasks = tasks
+        self._outbox = outbox
+        self._inbox = inbox
+        self._ack = ack
+        self._on_commit = on_commit
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.processed = 0
+        self.dead_lettered = 0
+        self.last_progress = time.monotonic()
+
+    def _routes_for(self, topic: str) -> list[RouteConfig]:
+        return [r for r in self._cfg.routes if topic_matches_sub(r.topic, topic)]
+
+    def _take(self) -> list[Inbound] | None:
+        """Block for the first message, then gather more for up to batch_wait_ms. None means stop."""
+        first = self._inbox.get()
+        if first is _STOP or self._stopping.is_set():
+            return None
+        batch = [first]
+        deadline = time.monotonic() + self._limits.batch_wait_ms / 1000
+        while len(batch) < self._limits.batch_max:
+            try:
+                timeout = deadline - time.monotonic()
+                nxt = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if nxt is _STOP:
+                self._inbox.put(_STOP)  # finish this batch, stop on the next take
+                break
+            batch.append(nxt)
+        return batch
+
+    def process(self, batch: list[Inbound]) -> None:
+        gw = self._cfg.gateway_id
+        rows: list[tuple[str, str, bytes]] = []
+        lines: list[dict] = []
+        by_route: dict[int, list[_Pending]] = defaultdict(list)
+        for item in batch:
+            routes = self._routes_for(item.topic)
+            if not routes:  # a leftover subscription from an older config
+                routes = [None]
+            for route in routes:
+                try:
+                    if route is None:
+                        raise DecodeError(f"no route matches topic {item.topic!r}")
+                    text, input_id = decode(
+                        item.payload, text_field=route.text_field, id_field=route.id_field,
+                        max_bytes=self._limits.max_payload_bytes, max_depth=self._limits.max_json_depth,
+                    )
+                except DecodeError as e:
+                    rid = result_id(gw, item.topic, self._cfg.dead_letter_topic, None, item.payload)
+                    rows.append((rid, self._cfg.dead_letter_topic, deadletter_payload(
+                        rid=rid, topic=item.topic, received_at=item.received_at, reason=e.reason,
+                        payload=item.payload, gateway=gw)))
+                    lines.append({"topic": item.topic, "input_id": None, "result_id": rid,
+                                  "outcome": "deadletter", "reason": e.reason, "t0": item.received_at})
+                    self.dead_lettered += 1
+                    continue
+                out = output_topic(route.output_topic, item.topic, gw)
+                rid = result_id(gw, item.topic, out, input_id, item.payload)
+                note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
+                by_route[id(route)].append(_Pending(item, route, rid, out, note))
+
+        for pendings in by_route.values():
+            route = pendings[0].route
+            notes = [p.note for p in pendings]
+            outputs: dict[str, list[dict]] = {}
+            for name in route.tasks:
+                outputs[name] = self._run_task(name, notes)
+            now = time.time()
+            for i, p in enumerate(pendings):
+                results = {name: outputs[name][i] for name in route.tasks}
+                fields = dict(rid=p.rid, input_id=p.note.input_id, topic=p.item.topic,
+                              received_at=p.item.received_at, text=p.note.text, processed_at=now, gateway=gw)
+                try:
+                    payload = result_payload(results=results, **fields)
+                except (TypeError, ValueError) as e:  # a task returned NaN or a non-JSON type
+                    log.error("task.bad_output", result_id=p.rid, error=str(e))
+                    payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results},
+                                             **fields)
+                rows.append((p.rid, p.out_topic, payload))
+                lines.append({"topic": p.item.topic, "input_id": p.note.input_id, "result_id": p.rid,
+                              "outcome": "ok", "t0": p.item.received_at})
+
+        if rows:
+            self._outbox.put_many(rows)  # durable (synchronous=FULL) before any ack leaves
+        for item in batch:
+            self._ack(item)
+        self._on_commit()
+        self.processed += len(batch)
+        self.last_progress = time.monotonic()
+        now = time.time()
+        for line in lines:
+            t0 = line.pop("t0")
+            log.info("message", latency_ms=round((now - t0) * 1000, 2), **line)
+
+    def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
+        """A task that fails on a batch yields an error entry per note rather than losing the batch."""
+        try:
+            out = self._tasks[name].process(notes)
+            if len(out) != len(notes):
+                raise RuntimeError(f"task returned {len(out)} results for {len(notes)} notes")
+            return out
+        except Exception as e:
+            log.exception("task.failed", task=name, batch=len(notes))
+            return [{"error": f"{type(e).__name__}: {e}"} for _ in notes]
+
+    def _run(self) -> None:
+        while (batch := self._take()) is not None:
+            delay = 0.5
+            while True:
+                try:
+                    self.process(batch)
+                    break
+                except Exception:
+                    # Nothing was acked. Retrying the same batch is back-pressure (the broker stops sending
+                    # at Receive Maximum); on stop the broker redelivers it to our next session.
+                    log.exception("pipeline.batch_failed", size=len(batch), retry_in_s=delay)
+                    if self._stopping.wait(delay):
+                        return
+                    delay = min(delay * 2, 30.0)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="edge-agent-pipeline", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float) -> bool:
+        """Finish what is queued (bounded by timeout). True when the queue drained in time."""
+        self._inbox.put(_STOP)
+        if self._thread is None:
+            return True
+        self._thread.join(timeout)
+        self._stopping.set()  # past the deadline: abandon a batch stuck in retries
+        self._thread.join(1.0)
+        return not self._thread.is_alive()

@@ -1,0 +1,89 @@
+"""The payloads we publish — result and dead-letter records — and their deterministic ids.
+
+An id depends only on what the broker would redeliver (gateway, inbound topic, output topic, and the
+producer's id or else the payload bytes), so a redelivered input yields the same id and consumers can
+de-duplicate.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+RESULT_SCHEMA = "edge-agent/result/1"
+DEADLETTER_SCHEMA = "edge-agent/deadletter/1"
+
+
+def rfc3339(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def result_id(gateway: str, topic: str, output_topic: str, input_id: str | None, payload: bytes) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for part in (gateway, topic, output_topic):
+        h.update(part.encode())
+        h.update(b"\0")
+    if input_id is not None:
+        h.update(b"id\0" + input_id.encode())
+    else:
+        h.update(b"payload\0" + payload)
+    return h.hexdigest()
+
+
+def output_topic(template: str, topic: str, gateway: str) -> str:
+    return template.replace("{topic}", topic).replace("{gateway}", gateway)
+
+
+def dumps(obj: dict[str, Any]) -> bytes:
+    # allow_nan=False: a NaN from a processor must fail loudly here, not produce invalid JSON downstream.
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def result_payload(
+    *,
+    rid: str,
+    input_id: str | None,
+    topic: str,
+    received_at: float,
+    text: str,
+    results: dict[str, Any],
+    processed_at: float,
+    gateway: str,
+) -> bytes:
+    return dumps(
+        {
+            "schema": RESULT_SCHEMA,
+            "id": rid,
+            "input_id": input_id,
+            "source": {"topic": topic, "received_at": rfc3339(received_at)},
+            "text": text,
+            "results": results,
+            "replayed": False,
+            "processed_at": rfc3339(processed_at),
+            "gateway": gateway,
+        }
+    )
+
+
+def deadletter_payload(*, rid: str, topic: str, received_at: float, reason: str, payload: bytes, gateway: str) -> bytes:
+    return dumps(
+        {
+            "schema": DEADLETTER_SCHEMA,
+            "id": rid,
+            "source": {"topic": topic, "received_at": rfc3339(received_at)},
+            "reason": reason,
+            "payload_b64": base64.b64encode(payload).decode("ascii"),
+            "gateway": gateway,
+            "replayed": False,
+        }
+    )
+
+
+def mark_replayed(payload: bytes) -> bytes:
+    """Set `"replayed": true` on a stored payload (backlog lane only, so the re-encode cost is bounded)."""
+    obj = json.loads(payload)
+    obj["replayed"] = True
+    return dumps(obj)

@@ -1,0 +1,94 @@
+"""The source: the gateway's local broker, where notes and logs arrive.
+
+QoS 1, persistent session, `manual_ack=True`: an inbound message is acknowledged only after its
+result (or dead-letter record) is committed to the outbox — the at-least-once rule. `on_message`
+never blocks: it hands the message to a bounded queue; back-pressure comes from the broker, which
+sends at most Receive Maximum unacknowledged messages (MQTT 5).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from .config import RouteConfig, SourceConfig
+from .mqtt import connect_async, is_failure, make_client
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Inbound:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+    received_at: float
+
+
+class Source:
+    def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str) -> None:
+        self._cfg = cfg
+        self._filters = sorted({r.topic for r in routes})
+        # v5: the broker never exceeds our Receive Maximum, so this queue cannot fill. v3.1.1 has no such
+        # limit; the broker's own inflight cap (mosquitto: 20) bounds it in practice.
+        self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
+        self._client = make_client(cfg, client_id, persistent=True, manual_ack=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._accepting = threading.Event()
+        self.connected = threading.Event()
+        self.received = 0
+        self.overflowed = 0
+        self.reconnects = 0
+
+    # paho callbacks (run on paho's network thread; must not block) ------------------------------
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
+        if is_failure(rc):
+            log.error("source.connect_refused", reason=str(rc), host=self._cfg.host, port=self._cfg.port)
+            return
+        # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
+        client.subscribe([(f, 1) for f in self._filters])
+        if self.connected.is_set():
+            return
+        self.connected.set()
+        log.info("source.connected", host=self._cfg.host, port=self._cfg.port, filters=self._filters)
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
+        if self.connected.is_set() and is_failure(rc):
+            self.reconnects += 1
+            log.warning("source.disconnected", reason=str(rc))
+        self.connected.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        if not self._accepting.is_set():
+            return  # stopping: left unacked, the broker redelivers it to our next session
+        try:
+            self.queue.put_nowait(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time()))
+            self.received += 1
+        except queue.Full:
+            self.overflowed += 1
+            log.error("source.queue_full", topic=msg.topic, hint="lower source.receive_maximum")
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._accepting.set()
+        connect_async(self._client, self._cfg, persistent=True, receive_maximum=self._cfg.receive_maximum)
+        self._client.loop_start()
+
+    def stop_intake(self) -> None:
+        self._accepting.clear()
+
+    def ack(self, item: Inbound) -> None:
+        if item.qos > 0:
+            self._client.ack(item.mid, item.qos)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

@@ -1,0 +1,120 @@
+"""Config: a bad file fails at start naming the field and the fix; the CLI exits 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edge_agent import config
+from edge_agent.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+ROUTE = '[[routes]]\ntopic = "plant/+/notes"\n'
+
+
+def load_text(tmp_path: Path, text: str, environ: dict[str, str] | None = None) -> config.Config:
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    return config.load(p, environ={} if environ is None else environ)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_examples_are_valid(path: Path) -> None:
+    cfg = config.load(path, environ={})
+    assert cfg.routes
+
+
+def test_defaults_and_frozen(tmp_path: Path) -> None:
+    cfg = load_text(tmp_path, ROUTE)
+    assert cfg.source.protocol == "5" and cfg.sink.inflight == 64
+    assert cfg.routes[0].tasks == () and cfg.dead_letter_topic == "edge/deadletter"
+    with pytest.raises(Exception, match="frozen"):
+        cfg.gateway_id = "x"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("text", "field", "hint"),
+    [
+        ('gatway_id = "x"\n' + ROUTE, "gatway_id", "spelling"),
+        ("[source]\nport = 70000\n" + ROUTE, "source.port", "lower"),
+        ('[source]\nport = "abc"\n' + ROUTE, "source.port", "whole number"),
+        ('[sink]\nprotocol = "4"\n' + ROUTE, "sink.protocol", "allowed values"),
+        ("", "routes", "[[routes]]"),
+        ('[[routes]]\ntopic = "plant/#/x"\n', "routes.0.topic", ""),
+        ('[[routes]]\ntopic = "a"\ntasks = ["classify"]\n', "routes.0.tasks", "[tasks.classify]"),
+        ('[[routes]]\ntopic = "a"\noutput_topic = "out/+"\n', "routes.0.output_topic", ""),
+        ('gateway_id = "gw 1"\n' + ROUTE, "gateway_id", "letters, digits"),
+        ('dead_letter_topic = "dl/#"\n' + ROUTE, "dead_letter_topic", ""),
+        ('[tasks.p]\nkind = "patterns"\nasset_patterns = ["(unclosed"]\n' + ROUTE, "tasks.p.patterns.asset_patterns", ""),
+        ('[tasks.p]\nkind = "llm"\n' + ROUTE, "tasks.p", "kind"),
+        ('[sink]\npassword_file = "/x"\n' + ROUTE, "sink", ""),
+        ('[sink.tls]\ncert_file = "/c.pem"\n' + ROUTE, "sink.tls", ""),
+        ("[outbox]\nmax_bytes = 10\n" + ROUTE, "outbox.max_bytes", "raise"),
+    ],
+)
+def test_invalid_field_named_with_fix(tmp_path: Path, text: str, field: str, hint: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_text(tmp_path, text)
+    assert ei.value.field == field, str(ei.value)
+    assert hint in ei.value.hint or hint in ei.value.message
+    assert ei.value.hint  # every error carries a fix
+
+
+def test_unknown_task_message_lists_known(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"unknown task 'classify'.*\[tasks.classify\].*patterns"):
+        load_text(tmp_path, '[[routes]]\ntopic = "a"\ntasks = ["classify"]\n')
+
+
+def test_env_overrides(tmp_path: Path) -> None:
+    env = {"EDGE_AGENT__SINK__PORT": "1884", "EDGE_AGENT__SINK__HOST": "uplink.local",
+           "EDGE_AGENT__GATEWAY_ID": "gw-7", "EDGE_AGENT__SINK__TLS__CA_FILE": "/etc/ca.pem", "OTHER": "x"}
+    cfg = load_text(tmp_path, ROUTE, env)
+    assert (cfg.sink.port, cfg.sink.host, cfg.gateway_id) == (1884, "uplink.local", "gw-7")
+    assert str(cfg.sink.tls.ca_file) == "/etc/ca.pem"
+    with pytest.raises(ConfigError) as ei:
+        load_text(tmp_path, ROUTE, {"EDGE_AGENT__SINK__PORT": "0"})
+    assert ei.value.field == "sink.port"
+    with pytest.raises(ConfigError) as ei:
+        load_text(tmp_path, ROUTE, {"EDGE_AGENT__ROUTES": "[]"})
+    assert ei.value.field == "EDGE_AGENT__ROUTES"
+
+
+def test_password_read_from_file(tmp_path: Path) -> None:
+    pw = tmp_path / "pw"
+    pw.write_text("s3cret\n")
+    cfg = load_text(tmp_path, f'[sink]\nusername = "u"\npassword_file = "{pw}"\n' + ROUTE)
+    assert cfg.sink.password() == "s3cret"
+    assert "s3cret" not in repr(cfg)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, cwd=REPO,
+                          timeout=60)
+
+
+@pytest.mark.parametrize("cmd", ["check-config", "run"])
+def test_cli_exit_2_names_field(tmp_path: Path, cmd: str) -> None:
+    p = tmp_path / "bad.toml"
+    p.write_text("[source]\nkeepalive = 1\n" + ROUTE)
+    r = run_cli(cmd, "--config", str(p))
+    assert r.returncode == 2
+    assert "source.keepalive" in r.stderr and "fix:" in r.stderr
+
+
+def test_cli_missing_file_and_bad_toml(tmp_path: Path) -> None:
+    r = run_cli("check-config", "--config", str(tmp_path / "nope.toml"))
+    assert r.returncode == 2 and "cannot read" in r.stderr
+    p = tmp_path / "broken.toml"
+    p.write_text("[source\n")
+    r = run_cli("check-config", "--config", str(p))
+    assert r.returncode == 2 and "not valid TOML" in r.stderr
+
+
+def test_cli_check_config_ok_and_version() -> None:
+    r = run_cli("check-config", "--config", str(REPO / "configs/local.toml"))
+    assert r.returncode == 0 and "ok" in r.stdout
+    r = run_cli("--version")
+    assert r.returncode == 0 and r.stdout.startswith("edge-agent ")

@@ -1,0 +1,262 @@
+"""End to end against real Mosquitto brokers: nothing lost, exact outcomes."""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent import config
+from edge_agent.agent import Agent
+from edge_agent.outbox import Outbox
+
+from .conftest import AgentProcess, Broker, wait_for, write_config
+
+
+class Running:
+    def __init__(self, cfg_path: Path) -> None:
+        self.agent = Agent(config.load(cfg_path, environ={}))
+        self.stop_event = threading.Event()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert wait_for(lambda: self.agent.source is not None and self.agent.source.connected.is_set(), 15)
+
+    def _run(self) -> None:
+        try:
+            self.agent.run(self.stop_event)
+        except BaseException as e:  # surfaced by stop()
+            self.error = e
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(30)
+        assert not self.thread.is_alive()
+        if self.error:
+            raise self.error
+
+
+@pytest.fixture
+def run_agent() -> Iterator:
+    started: list[Running] = []
+
+    def start(cfg_path: Path) -> Running:
+        r = Running(cfg_path)
+        started.append(r)
+        return r
+
+    yield start
+    for r in started:
+        if r.thread.is_alive():
+            r.stop()
+
+
+def ids_of(results: list[dict]) -> list[str]:
+    return [r["input_id"] for r in results]
+
+
+def test_500_notes_all_arrive_with_their_input_ids(tmp_path, broker, uplink, collect, publisher, run_agent):
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+    out = collect(uplink.port, "edge/results/#")
+    agent = run_agent(cfg)
+    pub = publisher(broker.port)
+    for i in range(500):
+        pub.note("plant/line1/notes", i)
+    assert wait_for(lambda: len(out.json()) >= 500, 60), len(out.json())
+    results = out.json()
+    assert sorted(set(ids_of(results))) == sorted(f"n{i}" for i in range(500))
+    assert len(results) == 500
+    first = next(r for r in results if r["input_id"] == "n7")
+    assert first["schema"] == "edge-agent/result/1"
+    assert first["source"]["topic"] == "plant/line1/notes"
+    assert first["text"] == "P-107 at 7 bar"
+    assert first["gateway"] == "gw-test"
+    assert first["replayed"] is False
+    assert first["results"]["patterns"]["assets"][0]["text"] == "P-107"
+    assert len({r["id"] for r in results}) == 500
+    agent.stop()
+    # Every row was PUBACKed, so a clean stop leaves the outbox empty.
+    with Outbox(agent.agent.cfg.outbox) as ob:
+        assert ob.stats().count == 0
+
+
+def test_uplink_outage_backlog_replayed_in_order(tmp_path, broker, uplink, collect, publisher, run_agent):
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+    out = collect(uplink.port, "edge/results/#")
+    run_agent(cfg)
+    pub = publisher(broker.port)
+    n = 0
+
+    def send(count: int, topic: str) -> None:
+        nonlocal n
+        for _ in range(count):
+            pub.note(topic, n)
+            n += 1
+
+    send(20, "plant/a/notes")
+    assert wait_for(lambda: len(out.json()) == 20)
+    uplink.stop(signal.SIGKILL)
+    t_down = time.monotonic()
+    while time.monotonic() - t_down < 10.5:  # notes keep arriving while the uplink is down
+        send(5, "plant/a/notes")
+        send(5, "plant/b/notes")
+        time.sleep(0.2)
+    during = n
+    uplink.start()
+    send(30, "plant/a/notes")
+    total = n
+    assert wait_for(lambda: len({r["input_id"] for r in out.json()}) == total, 60), len(out.json())
+    results = out.json()
+    got = {r["input_id"] for r in results}
+    assert got == {f"n{i}" for i in range(total)}
+    replayed = [int(r["input_id"][1:]) for r in results if r["replayed"]]
+    # Everything sent during the outage is backlog, flagged replayed.
+    assert set(range(20, during)) <= set(replayed)
+    for route in ("plant/a/notes", "plant/b/notes"):
+        for flag in (True, False):
+            seq = [int(r["input_id"][1:]) for r in results if r["source"]["topic"] == route and r["replayed"] is flag]
+            dedup = list(dict.fromkeys(seq))
+            assert dedup == sorted(dedup), f"{route} replayed={flag} out of order"
+
+
+def test_malformed_payloads_dead_lettered_and_daemon_keeps_running(tmp_path, broker, collect, publisher, run_agent):
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
+                       extra="[pipeline]\nmax_payload_bytes = 1000\nmax_json_depth = 8")
+    dlq = collect(broker.port, "edge/deadletter")
+    out = collect(broker.port, "edge/results/#")
+    run_agent(cfg)
+    pub = publisher(broker.port)
+    cases = {
+        b"\xff\xfe not utf-8": "invalid UTF-8 at byte 0",
+        b"x" * 1001: "payload too large: 1001 bytes, limit 1000",
+        b'{"text": "unterminated': "invalid JSON",
+        b'{"a":' * 20 + b"1" + b"}" * 20: "nested deeper than 8",  # depth is checked before fields
+        b'{"text": "t", "x": [[[[[[[[[1]]]]]]]]]}': "nested deeper than 8",
+        b'{"text": "t", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}": "payload too large",
+        b'{"msg": "no text field"}': "missing field 'text'",
+        b'{"text": 42}': "field 'text' is a number, expected a string",
+        b'{"text": null}': "field 'text' is a null, expected a string",
+        b'{"text": "ok", "id": {"nested": 1}}': "field 'id' is a object, expected a string or integer",
+        b'{"text": NaN}': "NaN is not allowed",
+        b"   ": "empty text",
+    }
+    for payload in cases:
+        pub.publish("plant/bad/notes", payload)
+    pub.note("plant/good/notes", 1)
+    assert wait_for(lambda: len(dlq.json()) >= len(cases) and len(out.json()) >= 1)
+    records = dlq.json()
+    assert len(records) == len(cases)
+    by_payload = {__import__("base64").b64decode(r["payload_b64"]): r for r in records}
+    for payload, reason in cases.items():
+        rec = by_payload[payload]
+        assert reason in rec["reason"], (payload[:40], rec["reason"])
+        assert rec["schema"] == "edge-agent/deadletter/1"
+        assert rec["source"]["topic"] == "plant/bad/notes"
+    assert out.json()[0]["input_id"] == "n1"
+
+
+def test_plain_text_payload_is_a_note(tmp_path, broker, collect, publisher, run_agent):
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db")
+    out = collect(broker.port, "edge/results/#")
+    run_agent(cfg)
+    publisher(broker.port).publish("plant/l2/notes", "  pump P-7 vibration 7.1 mm/s ")
+    assert wait_for(lambda: len(out.json()) == 1)
+    r = out.json()[0]
+    assert r["text"] == "  pump P-7 vibration 7.1 mm/s "
+    assert r["input_id"] is None
+    m = r["results"]["patterns"]["measurements"][0]
+    assert r["text"][m["start"]:m["end"]] == "7.1 mm/s"
+
+
+def test_corrupt_outbox_moved_aside_and_daemon_runs(tmp_path, broker, collect, publisher, run_agent):
+    db = tmp_path / "o.db"
+    db.write_bytes(b"this is not a database" * 100)
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=db)
+    out = collect(broker.port, "edge/results/#")
+    run_agent(cfg)
+    aside = list(tmp_path.glob("o.db.corrupt-*"))
+    assert len(aside) == 1
+    assert aside[0].read_bytes() == b"this is not a database" * 100
+    publisher(broker.port).note("plant/x/notes", 5)
+    assert wait_for(lambda: len(out.json()) == 1)
+    assert out.json()[0]["input_id"] == "n5"
+
+
+def _subscribed(b: Broker) -> bool:
+    """Mosquitto logs each SUBSCRIBE; the agent's source client id ends in -source."""
+    return "gw-test-source" in b.log() and "plant/+/notes" in b.log()
+
+
+def _publish_in_background(port: int, topic: str, count: int, pace_s: float) -> threading.Thread:
+    from .conftest import Publisher
+
+    def go() -> None:
+        p = Publisher(port)
+        for i in range(count):
+            p.note(topic, i)
+            time.sleep(pace_s)
+        p.close()
+
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    return t
+
+
+def test_agent_sigkill_mid_stream_loses_nothing(tmp_path, broker, uplink, collect):
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+    out = collect(uplink.port, "edge/results/#")
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    # The agent's session must exist at the broker before we publish, or early notes have no subscriber.
+    assert wait_for(lambda: _subscribed(broker), 20)
+    total = 400
+    feeder = _publish_in_background(broker.port, "plant/k/notes", total, 0.005)
+    assert wait_for(lambda: len(out.json()) >= 50, 30)
+    assert agent.kill(signal.SIGKILL) == -signal.SIGKILL
+    time.sleep(0.5)
+    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    feeder.join(60)
+    assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), \
+        len({r["input_id"] for r in out.json()})
+    results = out.json()
+    by_input: dict[str, set[str]] = {}
+    for r in results:
+        by_input.setdefault(r["input_id"], set()).add(r["id"])
+    assert all(len(ids) == 1 for ids in by_input.values()), "a duplicate carried a different result id"
+    assert agent.kill(signal.SIGTERM) == 0
+
+
+def test_broker_sigkill_with_persistence_loses_nothing(tmp_path, collect):
+    b = Broker(tmp_path / "b")
+    b.conf.write_text(b.conf.read_text().replace("autosave_interval 1", "autosave_interval 1\nautosave_on_changes true"))
+    b.start()
+    try:
+        cfg = write_config(tmp_path / "c.toml", source_port=b.port, sink_port=b.port, outbox=tmp_path / "o.db")
+        out = collect(b.port, "edge/results/#")
+        agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+        assert wait_for(lambda: _subscribed(b), 20)
+        total = 300
+        feeder = _publish_in_background(b.port, "plant/m/notes", total, 0.0)
+        feeder.join(60)
+        b.stop(signal.SIGKILL)
+        time.sleep(1.0)
+        b.start()
+        assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), \
+            len({r["input_id"] for r in out.json()})
+        assert agent.kill(signal.SIGTERM) == 0
+    finally:
+        b.stop()
+
+
+def test_status_topic_birth_and_offline(tmp_path, broker, collect, run_agent):
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db")
+    status = collect(broker.port, "edge/status/#")
+    r = run_agent(cfg)
+    assert wait_for(lambda: any(json.loads(p)["state"] == "online" for _, p, _ in status.messages))
+    r.stop()
+    assert wait_for(lambda: json.loads(status.messages[-1][1])["state"] == "offline")
