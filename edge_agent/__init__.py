@@ -1,4 +1,4 @@
-"""edge-agent: MQTT notes and machine logs in, on-device classification and extraction, durable store-and-forward out."""
+"""edge-agent: MQTT notes and logs in, on-device classification and extraction, durable results out."""
 
 from importlib.metadata import PackageNotFoundError, version
 

@@ -39,15 +39,22 @@ class Agent:
     def start(self) -> None:
         cfg = self.cfg
         self.outbox.open()
-        self.sink = Sink(cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"edge-agent-{cfg.gateway_id}-sink")
+        self.sink = Sink(
+            cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"edge-agent-{cfg.gateway_id}-sink"
+        )
         self.sink.start()
         self.tasks = build_tasks(cfg)
         self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source")
         self.pipeline = Pipeline(cfg, self.tasks, self.outbox, self.source.queue, self.source.ack, self.sink.wake)
         self.pipeline.start()
         self.source.start()
-        log.info("agent.started", gateway=cfg.gateway_id, routes=[r.topic for r in cfg.routes],
-                 tasks=sorted(self.tasks), outbox=str(cfg.outbox.path))
+        log.info(
+            "agent.started",
+            gateway=cfg.gateway_id,
+            routes=[r.topic for r in cfg.routes],
+            tasks=sorted(self.tasks),
+            outbox=str(cfg.outbox.path),
+        )
 
     def run(self, stop: threading.Event) -> None:
         """Start, serve until `stop` is set, then stop in order."""

@@ -27,8 +27,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         cfg = config.load(args.config)
     except ConfigError as e:
         return _fail_config(e)
-    print(f"{args.config}: ok (gateway {cfg.gateway_id!r}, {len(cfg.routes)} route(s), "
-          f"source {cfg.source.host}:{cfg.source.port}, sink {cfg.sink.host}:{cfg.sink.port})")
+    print(
+        f"{args.config}: ok (gateway {cfg.gateway_id!r}, {len(cfg.routes)} route(s), "
+        f"source {cfg.source.host}:{cfg.source.port}, sink {cfg.sink.host}:{cfg.sink.port})"
+    )
     return 0
 
 

@@ -335,7 +335,7 @@ def _ct2_convert(src: Path, stage: Path, quantization: str, say: Progress) -> No
     _quiet_transformers()
     from ctranslate2.converters import TransformersConverter
 
-    say(f"converting {src.name} to CTranslate2 {quantization}")
+    say(f"converting to CTranslate2 {quantization}")
     try:
         TransformersConverter(str(src), low_cpu_mem_usage=True).convert(
             str(stage), quantization=quantization, force=True)

@@ -52,8 +52,11 @@ def make_client(
         try:
             password = cfg.password()
         except OSError as e:
-            raise ConfigError("password_file", f"cannot read {cfg.password_file}: {e.strerror}",
-                              "make the file readable by the service user") from None
+            raise ConfigError(
+                "password_file",
+                f"cannot read {cfg.password_file}: {e.strerror}",
+                "make the file readable by the service user",
+            ) from None
         client.username_pw_set(cfg.username, password)
     if cfg.tls is not None:
         tls = cfg.tls
@@ -71,7 +74,9 @@ def make_client(
     return client
 
 
-def connect_async(client: mqtt.Client, cfg: BrokerConfig, *, persistent: bool, receive_maximum: int | None = None) -> None:
+def connect_async(
+    client: mqtt.Client, cfg: BrokerConfig, *, persistent: bool, receive_maximum: int | None = None
+) -> None:
     """Start connecting in the background; paho's loop retries with backoff until stopped."""
     if cfg.protocol == "5":
         props = Properties(PacketTypes.CONNECT)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 
@@ -23,10 +24,8 @@ class Notifier:
     def send(self, *fields: str) -> None:
         if self._sock is None:
             return
-        try:
+        with contextlib.suppress(OSError):  # systemd gone or socket full: best effort by design
             self._sock.sendto("\n".join(fields).encode(), self._addr)
-        except OSError:
-            pass  # systemd gone or socket full: notification is best effort by design
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))

@@ -196,7 +196,7 @@ class Outbox:
         with self._lock:
             rows = self._require_open().execute(
                 "SELECT seq, id, topic, payload, created_at FROM outbox "
-                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after_seq, hi, n)
+                "WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?", (after_seq, hi, n)
             ).fetchall()
         return [Record(*r) for r in rows]
 
@@ -272,7 +272,7 @@ class Outbox:
                 if freed >= excess:
                     break
         if n:
-            conn.execute("DELETE FROM outbox WHERE seq < ?", (last,))
+            conn.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
         return n, freed
 
     @staticmethod

@@ -41,8 +41,7 @@ class _Pending:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue,
-                 ack, on_commit) -> None:
+    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack, on_commit) -> None:
         self._cfg = cfg
         self._limits = cfg.pipeline
         self._tasks = tasks
@@ -92,16 +91,38 @@ class Pipeline:
                     if route is None:
                         raise DecodeError(f"no route matches topic {item.topic!r}")
                     text, input_id = decode(
-                        item.payload, text_field=route.text_field, id_field=route.id_field,
-                        max_bytes=self._limits.max_payload_bytes, max_depth=self._limits.max_json_depth,
+                        item.payload,
+                        text_field=route.text_field,
+                        id_field=route.id_field,
+                        max_bytes=self._limits.max_payload_bytes,
+                        max_depth=self._limits.max_json_depth,
                     )
                 except DecodeError as e:
                     rid = result_id(gw, item.topic, self._cfg.dead_letter_topic, None, item.payload)
-                    rows.append((rid, self._cfg.dead_letter_topic, deadletter_payload(
-                        rid=rid, topic=item.topic, received_at=item.received_at, reason=e.reason,
-                        payload=item.payload, gateway=gw)))
-                    lines.append({"topic": item.topic, "input_id": None, "result_id": rid,
-                                  "outcome": "deadletter", "reason": e.reason, "t0": item.received_at})
+                    rows.append(
+                        (
+                            rid,
+                            self._cfg.dead_letter_topic,
+                            deadletter_payload(
+                                rid=rid,
+                                topic=item.topic,
+                                received_at=item.received_at,
+                                reason=e.reason,
+                                payload=item.payload,
+                                gateway=gw,
+                            ),
+                        )
+                    )
+                    lines.append(
+                        {
+                            "topic": item.topic,
+                            "input_id": None,
+                            "result_id": rid,
+                            "outcome": "deadletter",
+                            "reason": e.reason,
+                            "t0": item.received_at,
+                        }
+                    )
                     self.dead_lettered += 1
                     continue
                 out = output_topic(route.output_topic, item.topic, gw)
@@ -118,17 +139,30 @@ class Pipeline:
             now = time.time()
             for i, p in enumerate(pendings):
                 results = {name: outputs[name][i] for name in route.tasks}
-                fields = dict(rid=p.rid, input_id=p.note.input_id, topic=p.item.topic,
-                              received_at=p.item.received_at, text=p.note.text, processed_at=now, gateway=gw)
+                fields = dict(
+                    rid=p.rid,
+                    input_id=p.note.input_id,
+                    topic=p.item.topic,
+                    received_at=p.item.received_at,
+                    text=p.note.text,
+                    processed_at=now,
+                    gateway=gw,
+                )
                 try:
                     payload = result_payload(results=results, **fields)
                 except (TypeError, ValueError) as e:  # a task returned NaN or a non-JSON type
                     log.error("task.bad_output", result_id=p.rid, error=str(e))
-                    payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results},
-                                             **fields)
+                    payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results}, **fields)
                 rows.append((p.rid, p.out_topic, payload))
-                lines.append({"topic": p.item.topic, "input_id": p.note.input_id, "result_id": p.rid,
-                              "outcome": "ok", "t0": p.item.received_at})
+                lines.append(
+                    {
+                        "topic": p.item.topic,
+                        "input_id": p.note.input_id,
+                        "result_id": p.rid,
+                        "outcome": "ok",
+                        "t0": p.item.received_at,
+                    }
+                )
 
         if rows:
             self._outbox.put_many(rows)  # durable (synchronous=FULL) before any ack leaves

@@ -13,6 +13,7 @@ rows are still in the outbox and go out as backlog on the next start.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import threading
 import time
@@ -60,7 +61,10 @@ class Sink:
         self.status_topic = cfg.status_topic.replace("{gateway}", gateway)
         self._gateway = gateway
         self._client = make_client(
-            cfg, client_id, persistent=False, inflight=cfg.inflight,
+            cfg,
+            client_id,
+            persistent=False,
+            inflight=cfg.inflight,
             will=Will(self.status_topic, self._status(False)),
         )
         self._client.on_connect = self._on_connect
@@ -201,9 +205,9 @@ class Sink:
     def flush(self, timeout: float) -> bool:
         """Wait until every committed row is PUBACKed, or the timeout. True when nothing is left."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        while self._connected.is_set() and time.monotonic() < deadline:  # no uplink: the outbox keeps it
             self._wake.set()
-            if self._connected.is_set() and self.pending() == 0 and self._outbox.stats().count == 0:
+            if self.pending() == 0 and self._outbox.stats().count == 0:
                 return True
             time.sleep(0.05)
         return False
@@ -216,9 +220,8 @@ class Sink:
         self._settle()
         if self._connected.is_set():
             info = self._client.publish(self.status_topic, self._status(False), qos=1, retain=True)
-            try:
+            # Disconnected meanwhile: the broker publishes our will instead.
+            with contextlib.suppress(RuntimeError, ValueError):
                 info.wait_for_publish(timeout=2)
-            except (RuntimeError, ValueError):
-                pass  # disconnected meanwhile: the broker publishes our will instead
         self._client.disconnect()
         self._client.loop_stop()

@@ -68,8 +68,9 @@ class Broker:
         self.conf.write_text("\n".join(conf) + "\n")
 
     def start(self) -> Broker:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         if not wait_for(self._accepting, timeout=10):
             raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()[-2000:]}")
         return self
@@ -112,8 +113,12 @@ class Collector:
     def __init__(self, port: int, topic: str = "#", client_id: str | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"collector-{port}-{id(self)}",
-                                  protocol=MQTTProtocolVersion.MQTTv311, clean_session=False)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"collector-{port}-{id(self)}",
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=False,
+        )
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
@@ -149,8 +154,9 @@ def collect() -> Iterator[Callable[..., Collector]]:
 
 class Publisher:
     def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"publisher-{port}-{id(self)}",
-                                  protocol=MQTTProtocolVersion.MQTTv5)
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=f"publisher-{port}-{id(self)}", protocol=MQTTProtocolVersion.MQTTv5
+        )
         self.client.max_inflight_messages_set(100)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
@@ -182,9 +188,12 @@ def publisher() -> Iterator[Callable[[int], Publisher]]:
         p.close()
 
 
-def write_config(path: Path, *, source_port: int, sink_port: int, outbox: Path, extra: str = "",
-                 routes: str | None = None) -> Path:
-    routes = routes or """
+def write_config(
+    path: Path, *, source_port: int, sink_port: int, outbox: Path, extra: str = "", routes: str | None = None
+) -> Path:
+    routes = (
+        routes
+        or """
 [[routes]]
 topic = "plant/+/notes"
 text_field = "text"
@@ -192,6 +201,7 @@ id_field = "id"
 output_topic = "edge/results/{topic}"
 tasks = ["patterns"]
 """
+    )
     path.write_text(f"""
 gateway_id = "gw-test"
 dead_letter_topic = "edge/deadletter"
@@ -226,8 +236,12 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         self._logf = self.logpath.open("ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
-                                     stdout=self._logf, stderr=subprocess.STDOUT, cwd=REPO)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_agent", "run", "--config", str(self.config)],
+            stdout=self._logf,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
         return self
 
     def kill(self, sig: int = signal.SIGKILL) -> int:

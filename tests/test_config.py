@@ -48,7 +48,11 @@ def test_defaults_and_frozen(tmp_path: Path) -> None:
         ('[[routes]]\ntopic = "a"\noutput_topic = "out/+"\n', "routes.0.output_topic", ""),
         ('gateway_id = "gw 1"\n' + ROUTE, "gateway_id", "letters, digits"),
         ('dead_letter_topic = "dl/#"\n' + ROUTE, "dead_letter_topic", ""),
-        ('[tasks.p]\nkind = "patterns"\nasset_patterns = ["(unclosed"]\n' + ROUTE, "tasks.p.patterns.asset_patterns", ""),
+        (
+            '[tasks.p]\nkind = "patterns"\nasset_patterns = ["(unclosed"]\n' + ROUTE,
+            "tasks.p.patterns.asset_patterns",
+            "",
+        ),
         ('[tasks.p]\nkind = "llm"\n' + ROUTE, "tasks.p", "kind"),
         ('[sink]\npassword_file = "/x"\n' + ROUTE, "sink", ""),
         ('[sink.tls]\ncert_file = "/c.pem"\n' + ROUTE, "sink.tls", ""),
@@ -69,8 +73,13 @@ def test_unknown_task_message_lists_known(tmp_path: Path) -> None:
 
 
 def test_env_overrides(tmp_path: Path) -> None:
-    env = {"EDGE_AGENT__SINK__PORT": "1884", "EDGE_AGENT__SINK__HOST": "uplink.local",
-           "EDGE_AGENT__GATEWAY_ID": "gw-7", "EDGE_AGENT__SINK__TLS__CA_FILE": "/etc/ca.pem", "OTHER": "x"}
+    env = {
+        "EDGE_AGENT__SINK__PORT": "1884",
+        "EDGE_AGENT__SINK__HOST": "uplink.local",
+        "EDGE_AGENT__GATEWAY_ID": "gw-7",
+        "EDGE_AGENT__SINK__TLS__CA_FILE": "/etc/ca.pem",
+        "OTHER": "x",
+    }
     cfg = load_text(tmp_path, ROUTE, env)
     assert (cfg.sink.port, cfg.sink.host, cfg.gateway_id) == (1884, "uplink.local", "gw-7")
     assert str(cfg.sink.tls.ca_file) == "/etc/ca.pem"
@@ -91,8 +100,9 @@ def test_password_read_from_file(tmp_path: Path) -> None:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, cwd=REPO,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "edge_agent", *args], capture_output=True, text=True, cwd=REPO, timeout=60
+    )
 
 
 @pytest.mark.parametrize("cmd", ["check-config", "run"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import signal
 import threading
@@ -126,8 +125,13 @@ def test_uplink_outage_backlog_replayed_in_order(tmp_path, broker, uplink, colle
 
 
 def test_malformed_payloads_dead_lettered_and_daemon_keeps_running(tmp_path, broker, collect, publisher, run_agent):
-    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       extra="[pipeline]\nmax_payload_bytes = 1000\nmax_json_depth = 8")
+    cfg = write_config(
+        tmp_path / "c.toml",
+        source_port=broker.port,
+        sink_port=broker.port,
+        outbox=tmp_path / "o.db",
+        extra="[pipeline]\nmax_payload_bytes = 1000\nmax_json_depth = 8",
+    )
     dlq = collect(broker.port, "edge/deadletter")
     out = collect(broker.port, "edge/results/#")
     run_agent(cfg)
@@ -171,7 +175,7 @@ def test_plain_text_payload_is_a_note(tmp_path, broker, collect, publisher, run_
     assert r["text"] == "  pump P-7 vibration 7.1 mm/s "
     assert r["input_id"] is None
     m = r["results"]["patterns"]["measurements"][0]
-    assert r["text"][m["start"]:m["end"]] == "7.1 mm/s"
+    assert r["text"][m["start"] : m["end"]] == "7.1 mm/s"
 
 
 def test_corrupt_outbox_moved_aside_and_daemon_runs(tmp_path, broker, collect, publisher, run_agent):
@@ -221,8 +225,9 @@ def test_agent_sigkill_mid_stream_loses_nothing(tmp_path, broker, uplink, collec
     time.sleep(0.5)
     agent = AgentProcess(cfg, tmp_path / "agent.log").start()
     feeder.join(60)
-    assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), \
-        len({r["input_id"] for r in out.json()})
+    assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), len(
+        {r["input_id"] for r in out.json()}
+    )
     results = out.json()
     by_input: dict[str, set[str]] = {}
     for r in results:
@@ -233,7 +238,9 @@ def test_agent_sigkill_mid_stream_loses_nothing(tmp_path, broker, uplink, collec
 
 def test_broker_sigkill_with_persistence_loses_nothing(tmp_path, collect):
     b = Broker(tmp_path / "b")
-    b.conf.write_text(b.conf.read_text().replace("autosave_interval 1", "autosave_interval 1\nautosave_on_changes true"))
+    b.conf.write_text(
+        b.conf.read_text().replace("autosave_interval 1", "autosave_interval 1\nautosave_on_changes true")
+    )
     b.start()
     try:
         cfg = write_config(tmp_path / "c.toml", source_port=b.port, sink_port=b.port, outbox=tmp_path / "o.db")
@@ -246,8 +253,9 @@ def test_broker_sigkill_with_persistence_loses_nothing(tmp_path, collect):
         b.stop(signal.SIGKILL)
         time.sleep(1.0)
         b.start()
-        assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), \
-            len({r["input_id"] for r in out.json()})
+        assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), len(
+            {r["input_id"] for r in out.json()}
+        )
         assert agent.kill(signal.SIGTERM) == 0
     finally:
         b.stop()

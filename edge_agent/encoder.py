@@ -1,0 +1,99 @@
+"""The int8 sentence encoder at run time: CTranslate2 + tokenizers + numpy, nothing else.
+
+Loaded from a model directory built by `edge_agent.models` (hashes verified first). Two outputs:
+`embed` gives mean-pooled, L2-normalised sentence vectors (what all-MiniLM-L6-v2 was trained for);
+`token_states` gives each token's last hidden state with its character span, for token taggers.
+CTranslate2 releases the GIL, so one Encoder may be shared by threads (up to `inter_threads` at once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import ctranslate2
+import numpy as np
+import tokenizers
+
+from . import models
+from .errors import ModelError
+
+
+class TokenStates(NamedTuple):
+    """One text's tokens: `states` [n_tokens, dim] float32, `offsets` (start, end) character spans in the
+    text, `special` True for tokens the tokenizer added ([CLS], [SEP], <s>…; their span is (0, 0))."""
+
+    states: np.ndarray
+    offsets: list[tuple[int, int]]
+    special: list[bool]
+
+
+class Encoder:
+    def __init__(self, model_dir: Path | str, *, intra_threads: int = 0, inter_threads: int = 1,
+                 max_length: int | None = None, compute_type: str = "int8") -> None:
+        """`max_length` truncates inputs (tokens, specials included); default: the manifest's value
+        (the length the model was trained for, 256 for MiniLM), else 512. `intra_threads=0` lets
+        CTranslate2 choose (one per core)."""
+        self.model_dir = Path(model_dir)
+        self.manifest: dict[str, Any] = models.verify(self.model_dir)
+        if self.manifest["kind"] != "encoder":
+            raise ModelError(f"{self.model_dir} holds a {self.manifest['kind']}, not an encoder")
+        self.max_length = int(max_length or self.manifest.get("max_length") or 512)
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        # Shipped sentence-transformers tokenizers pad every input to 128: padding is done per batch here.
+        self.tokenizer.no_padding()
+        self.tokenizer.enable_truncation(self.max_length)
+        try:
+            self._model = ctranslate2.Encoder(str(self.model_dir), device="cpu", compute_type=compute_type,
+                                              intra_threads=intra_threads, inter_threads=inter_threads)
+        except (RuntimeError, ValueError) as e:
+            raise ModelError(f"CTranslate2 could not load {self.model_dir}: {e}") from e
+        self.dim = int(np.asarray(self._model.forward_batch([[0]]).last_hidden_state).shape[-1])
+
+    def _forward(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
+        """Right-padded ids → last_hidden_state [batch, max_len, dim]; padded positions are garbage."""
+        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
+        dense = np.zeros((len(ids), int(lengths.max())), dtype=np.int32)
+        for row, x in enumerate(ids):
+            dense[row, : len(x)] = x
+        out = self._model.forward_batch(ctranslate2.StorageView.from_array(dense),
+                                        ctranslate2.StorageView.from_array(lengths))
+        return np.asarray(out.last_hidden_state)
+
+    def _encode(self, texts: Sequence[str]) -> list[tokenizers.Encoding]:
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        return self.tokenizer.encode_batch(list(texts))
+
+    def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """[len(texts), dim] float32: mean over the tokens (specials included, as sentence-transformers
+        does), L2-normalised. Batches hold texts of similar length to keep padding small."""
+        encodings = self._encode(texts)
+        out = np.zeros((len(encodings), self.dim), dtype=np.float32)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            ids = [encodings[i].ids for i in idx]
+            hidden = self._forward(ids)
+            lengths = np.array([len(x) for x in ids])
+            mask = (np.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
+            pooled = (hidden * mask[:, :, None]).sum(axis=1) / lengths[:, None]
+            out[idx] = pooled
+        norms = np.linalg.norm(out, axis=1, keepdims=True)
+        return out / np.maximum(norms, 1e-12)
+
+    def token_states(self, texts: Sequence[str], batch_size: int = 32) -> list[TokenStates]:
+        """Per text: every token's last hidden state and its character offsets, input order kept."""
+        encodings = self._encode(texts)
+        result: list[TokenStates | None] = [None] * len(encodings)
+        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            hidden = self._forward([encodings[i].ids for i in idx])
+            for row, i in enumerate(idx):
+                enc = encodings[i]
+                n = len(enc.ids)
+                result[i] = TokenStates(hidden[row, :n].copy(), list(enc.offsets),
+                                        [bool(s) for s in enc.special_tokens_mask])
+        return result  # type: ignore[return-value]
