@@ -119,7 +119,9 @@ class Collector:
             protocol=MQTTProtocolVersion.MQTTv311,
             clean_session=False,
         )
+        self.subscribed = threading.Event()
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
         self.client.connect_async("127.0.0.1", port, keepalive=10)
@@ -145,6 +147,7 @@ def collect() -> Iterator[Callable[..., Collector]]:
     def make(port: int, topic: str = "#") -> Collector:
         c = Collector(port, topic)
         made.append(c)
+        assert c.subscribed.wait(10), "collector could not subscribe"
         return c
 
     yield make

@@ -9,6 +9,7 @@ import shutil
 import sqlite3
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -358,7 +359,8 @@ def test_writer_and_reader_threads_share_one_outbox(tmp_path: Path) -> None:
         t.start()
         seen: list[int] = []
         cursor = 0
-        while len(seen) < total:
+        deadline = time.monotonic() + 60  # a lost row must fail the test, not hang it
+        while len(seen) < total and time.monotonic() < deadline:
             recs = ob.batch(64, after_seq=cursor)
             if recs:
                 cursor = recs[-1].seq

