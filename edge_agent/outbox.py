@@ -47,6 +47,7 @@ CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
 """
 _COLUMNS = {"seq", "id", "topic", "size", "created_at", "payload"}
 _MAX_SEQ = 2**63 - 1
+_SIBLINGS = ("", "-wal", "-shm")
 _CHUNK = 500  # host parameters per IN (...) list; old SQLite builds cap them at 999
 
 # Opening is retried only while another process holds the file locked (a backup, an operator's sqlite3
@@ -91,8 +92,6 @@ class Outbox:
         self._count = self._bytes = self._max_seq = 0
         self._added = self._accepted = self._dropped = self._corrupt_files = 0
 
-    # -- lifecycle ---------------------------------------------------------------------------------
-
     def open(self) -> Outbox:
         with self._lock:
             if self._conn is not None:
@@ -106,9 +105,7 @@ class Outbox:
                 retry=tenacity.retry_if_exception_type(TransientError),
                 stop=tenacity.stop_after_attempt(OPEN_ATTEMPTS),
                 wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
-                before_sleep=lambda rs: log.warning(
-                    "outbox.locked", path=str(self._path), attempt=rs.attempt_number
-                ),
+                before_sleep=lambda rs: log.warning("outbox.locked", path=str(self._path), attempt=rs.attempt_number),
                 reraise=True,
             )
             try:
@@ -116,10 +113,6 @@ class Outbox:
             except TransientError as e:
                 raise OutboxError(f"outbox {self._path} stayed locked by another process: {e}") from e
             self._conn = conn
-            self._count, self._bytes = conn.execute(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox"
-            ).fetchone()
-            self._max_seq = self._read_max_seq(conn)
         return self
 
     def close(self) -> None:
@@ -131,12 +124,8 @@ class Outbox:
     def __enter__(self) -> Outbox:
         return self.open()
 
-    def __exit__(
-        self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None
-    ) -> None:
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
-
-    # -- the buffer contract -----------------------------------------------------------------------
 
     def put_many(self, rows: Sequence[tuple[str, str, bytes]]) -> int:
         """Append (id, topic, payload) rows in ONE transaction; return the last seq assigned.
@@ -148,16 +137,12 @@ class Outbox:
         if not rows:
             return self.max_seq()
         now = self._clock()
-        params = [
-            (rid, topic, len(payload) + len(topic.encode()), now, payload) for rid, topic, payload in rows
-        ]
+        params = [(rid, topic, len(payload) + len(topic.encode()), now, payload) for rid, topic, payload in rows]
         added_bytes = sum(p[2] for p in params)
         with self._lock:
             conn = self._require_open()
             with self._transaction(conn, "append"):
-                conn.executemany(
-                    "INSERT INTO outbox (id, topic, size, created_at, payload) VALUES (?, ?, ?, ?, ?)", params
-                )
+                conn.executemany("INSERT INTO outbox (id, topic, size, created_at, payload) VALUES (?,?,?,?,?)", params)
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 dropped, freed = self._trim_oldest(conn, self._bytes + added_bytes - self._cfg.max_bytes)
             # Committed: only now may the in-memory view move, so a failed commit leaves it exact.
@@ -179,8 +164,7 @@ class Outbox:
                 n, freed = conn.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE created_at < ?", (cutoff,)
                 ).fetchone()
-                if n:
-                    conn.execute("DELETE FROM outbox WHERE created_at < ?", (cutoff,))
+                conn.execute("DELETE FROM outbox WHERE created_at < ?", (cutoff,))
             self._count -= n
             self._bytes -= freed
             self._dropped += n
@@ -196,7 +180,7 @@ class Outbox:
         with self._lock:
             rows = self._require_open().execute(
                 "SELECT seq, id, topic, payload, created_at FROM outbox "
-                "WHERE seq > ? AND seq < ? ORDER BY seq LIMIT ?", (after_seq, hi, n)
+                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after_seq, hi, n)
             ).fetchall()
         return [Record(*r) for r in rows]
 
@@ -262,9 +246,7 @@ class Outbox:
         """Delete the oldest rows (by seq) until `excess` bytes are freed; return (rows, bytes)."""
         n = freed = last = 0
         while freed < excess:
-            page = conn.execute(
-                "SELECT seq, size FROM outbox WHERE seq > ? ORDER BY seq LIMIT 256", (last,)
-            ).fetchall()
+            page = conn.execute("SELECT seq, size FROM outbox WHERE seq > ? ORDER BY seq LIMIT 256", (last,)).fetchall()
             if not page:
                 break
             for seq, size in page:
@@ -275,12 +257,6 @@ class Outbox:
             conn.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
         return n, freed
 
-    @staticmethod
-    def _read_max_seq(conn: sqlite3.Connection) -> int:
-        # sqlite_sequence remembers the high-water mark even when every row has been deleted.
-        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
-        return int(row[0]) if row else 0
-
     def _connect_or_quarantine(self) -> sqlite3.Connection:
         # Judge an existing file through a read-only connection: closing a read-write one would
         # checkpoint its WAL into the damaged file and delete the -wal, destroying the evidence we keep.
@@ -288,10 +264,9 @@ class Outbox:
             probe = self._sqlite(readonly=True)
             try:
                 self._run(probe, self._check)
-            except _CorruptFile as e:
-                probe.close()
+            except _CorruptFile as e:  # _run has closed the probe, so nothing holds the file now
                 self._quarantine(str(e))
-            finally:
+            else:
                 probe.close()
         conn = self._sqlite(readonly=False)
         try:
@@ -303,9 +278,8 @@ class Outbox:
     def _sqlite(self, *, readonly: bool) -> sqlite3.Connection:
         target = self._path.resolve().as_uri() + "?mode=ro" if readonly else str(self._path)
         try:
-            return sqlite3.connect(
-                target, uri=readonly, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-            )
+            return sqlite3.connect(target, uri=readonly, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
         except sqlite3.Error as e:
             raise self._classify(e) from e
 
@@ -321,10 +295,8 @@ class Outbox:
     def _version(self, conn: sqlite3.Connection) -> int:
         version = conn.execute("PRAGMA user_version").fetchone()[0]  # garbage fails here: SQLITE_NOTADB
         if version > SCHEMA_VERSION:
-            raise OutboxError(
-                f"outbox {self._path} has schema version {version}, newer than this "
-                f"edge-agent knows ({SCHEMA_VERSION}); refusing to touch it (downgrade?)"
-            )
+            raise OutboxError(f"outbox {self._path} has schema version {version}, newer than this edge-agent "
+                              f"knows ({SCHEMA_VERSION}); refusing to touch it (downgrade?)")
         return version
 
     def _check(self, conn: sqlite3.Connection) -> None:
@@ -344,9 +316,10 @@ class Outbox:
         conn.execute("PRAGMA synchronous=FULL")  # a commit that returned survives power loss
         if version == 0:  # a new file; later versions would migrate step by step from here
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
-        if columns != _COLUMNS:
-            raise _CorruptFile(f"unusable schema: outbox table has columns {sorted(columns)}")
+        self._count, self._bytes = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        # sqlite_sequence keeps the high-water mark even when every row has been deleted.
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._max_seq = row[0] if row else 0
 
     def _classify(self, e: sqlite3.Error) -> Exception:
         code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary code, extended bits dropped
@@ -359,20 +332,18 @@ class Outbox:
     def _quarantine(self, reason: str) -> None:
         """Rename the file and its -wal/-shm siblings aside (kept for forensics) and log loudly."""
         stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        base = self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
-        k = 0
-        while any(Path(f"{base}{s}").exists() for s in ("", "-wal", "-shm")):
+        k, base = 0, self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
+        while any(Path(f"{base}{s}").exists() for s in _SIBLINGS):  # never rename over an earlier one
             k += 1
             base = self._path.with_name(f"{self._path.name}.corrupt-{stamp}-{k}")
         # Siblings keep SQLite's naming (<db>-wal) so the moved set still opens together.
-        for suffix in ("", "-wal", "-shm"):
+        for suffix in _SIBLINGS:
             src = Path(f"{self._path}{suffix}")
             if src.exists():
                 try:
                     src.rename(f"{base}{suffix}")
                 except OSError as e:
-                    raise OutboxError(
-                        f"outbox {src} is corrupt ({reason}) and cannot be moved aside: {e.strerror}"
-                    ) from e
+                    msg = f"outbox {src} is corrupt ({reason}) and cannot be moved aside: {e.strerror}"
+                    raise OutboxError(msg) from e
         self._corrupt_files += 1
         log.error("outbox.corrupt", path=str(self._path), moved_to=str(base), reason=reason)
