@@ -130,7 +130,38 @@ class PatternsTaskConfig(_Frozen):
         return v
 
 
-TaskConfig = Annotated[PatternsTaskConfig, Field(discriminator="kind")]
+class _EncoderTask(_Frozen):
+    model: Path = Field(description="model directory made by `edge-agent models build` (verified at load)")
+    intra_threads: int = Field(0, ge=0, le=64, description="threads per batch; 0 = min(4, CPU cores)")
+    inter_threads: int = Field(1, ge=1, le=16, description="batches run in parallel")
+    max_length: int = Field(128, ge=8, le=512, description="tokens per note; longer notes are truncated")
+
+
+class ClassifierTaskConfig(_EncoderTask):
+    kind: Literal["classifier"]
+    head: Path | None = Field(None, description="head trained by `edge-agent classifier train`")
+    labels: dict[str, str] = Field(
+        default_factory=dict, description="label -> description, for zero-shot use when there is no head"
+    )
+    threshold: float = Field(0.0, ge=0, le=1, description="below this score the result is flagged for review")
+
+    @model_validator(mode="after")
+    def _head_or_labels(self) -> ClassifierTaskConfig:
+        if self.head is None and len(self.labels) < 2:
+            raise ValueError(
+                "a classifier needs a head (edge-agent classifier train) or at least two labels with descriptions"
+            )
+        return self
+
+
+class TaggerTaskConfig(_EncoderTask):
+    kind: Literal["tagger"]
+    head: Path = Field(description="head trained by `edge-agent tagger train`")
+
+
+TaskConfig = Annotated[
+    PatternsTaskConfig | ClassifierTaskConfig | TaggerTaskConfig, Field(discriminator="kind")
+]
 
 
 class RouteConfig(_Frozen):
@@ -138,6 +169,9 @@ class RouteConfig(_Frozen):
     text_field: str = Field("text", min_length=1, description="JSON field (dotted path) holding the text")
     id_field: str | None = Field(None, min_length=1, description="JSON field (dotted path) with the producer id")
     output_topic: str = Field("edge/results/{topic}", min_length=1)
+    review_topic: str | None = Field(
+        None, min_length=1, description="results a task flags for review (low confidence) go here instead"
+    )
     tasks: tuple[str, ...] = ()
 
     @field_validator("topic")
@@ -151,11 +185,11 @@ class RouteConfig(_Frozen):
                 raise ValueError("'+' must be a whole level (e.g. plant/+/notes)")
         return v
 
-    @field_validator("output_topic")
+    @field_validator("output_topic", "review_topic")
     @classmethod
-    def _output_concrete(cls, v: str) -> str:
-        if _TOPIC_WILDCARDS.search(v.replace("{topic}", "")):
-            raise ValueError("output_topic must not contain '+' or '#'")
+    def _output_concrete(cls, v: str | None) -> str | None:
+        if v is not None and _TOPIC_WILDCARDS.search(v.replace("{topic}", "")):
+            raise ValueError("an output topic must not contain '+' or '#'")
         return v
 
 
@@ -217,7 +251,7 @@ _HINTS = {
     "string_too_short": "give a non-empty value",
     "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
     "too_short": "add at least one entry (e.g. one [[routes]] table)",
-    "union_tag_invalid": "set kind to a known task kind (patterns)",
+    "union_tag_invalid": "set kind to a known task kind: patterns, classifier or tagger",
 }
 
 

@@ -153,7 +153,10 @@ class Pipeline:
                 except (TypeError, ValueError) as e:  # a task returned NaN or a non-JSON type
                     log.error("task.bad_output", result_id=p.rid, error=str(e))
                     payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results}, **fields)
-                rows.append((p.rid, p.out_topic, payload))
+                topic = p.out_topic
+                if route.review_topic and any(r.get("review") for r in results.values() if isinstance(r, dict)):
+                    topic = output_topic(route.review_topic, p.item.topic, gw)  # low confidence: a person looks
+                rows.append((p.rid, topic, payload))
                 lines.append(
                     {
                         "topic": p.item.topic,
