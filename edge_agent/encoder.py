@@ -66,14 +66,18 @@ class Encoder:
             raise TypeError("texts must be a sequence of strings, not one string")
         return self.tokenizer.encode_batch(list(texts))
 
+    @staticmethod
+    def _batches(encodings: Sequence[tokenizers.Encoding], batch_size: int) -> list[list[int]]:
+        """Indices of non-empty encodings, grouped by similar length so that batches carry little padding."""
+        order = sorted((i for i, e in enumerate(encodings) if e.ids), key=lambda i: len(encodings[i].ids))
+        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """[len(texts), dim] float32: mean over the tokens (specials included, as sentence-transformers
-        does), L2-normalised. Batches hold texts of similar length to keep padding small."""
+        does), L2-normalised. A text with no tokens at all gets a zero vector."""
         encodings = self._encode(texts)
         out = np.zeros((len(encodings), self.dim), dtype=np.float32)
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        for idx in self._batches(encodings, batch_size):
             ids = [encodings[i].ids for i in idx]
             hidden = self._forward(ids)
             lengths = np.array([len(x) for x in ids])
@@ -86,14 +90,13 @@ class Encoder:
     def token_states(self, texts: Sequence[str], batch_size: int = 32) -> list[TokenStates]:
         """Per text: every token's last hidden state and its character offsets, input order kept."""
         encodings = self._encode(texts)
-        result: list[TokenStates | None] = [None] * len(encodings)
-        order = sorted(range(len(encodings)), key=lambda i: len(encodings[i].ids))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
+        empty = TokenStates(np.zeros((0, self.dim), dtype=np.float32), [], [])
+        result: list[TokenStates] = [empty] * len(encodings)
+        for idx in self._batches(encodings, batch_size):
             hidden = self._forward([encodings[i].ids for i in idx])
             for row, i in enumerate(idx):
                 enc = encodings[i]
                 n = len(enc.ids)
                 result[i] = TokenStates(hidden[row, :n].copy(), list(enc.offsets),
                                         [bool(s) for s in enc.special_tokens_mask])
-        return result  # type: ignore[return-value]
+        return result

@@ -17,11 +17,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import warnings
 import zipfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from .errors import ModelError
@@ -34,6 +36,7 @@ QUANTIZATIONS = ("int8", "float32")  # float32 exists only as a reference for in
 # config.json `model_type` values build_from_hf accepts, and what they become.
 ENCODER_TYPES = ("bert", "distilbert", "xlm-roberta")
 GENERATOR_TYPES = ("llama", "qwen2", "phi3", "gemma", "gemma2", "gemma3_text", "mistral")
+# `gemma3` (the multimodal 4B+ configs) is left out: their RoPE scaling is not converted by ctranslate2 4.8.
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,12 @@ def _staging(out_dir: Path) -> Iterator[Path]:
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             out_dir.rename(old)
-        stage.rename(out_dir)
+        try:
+            stage.rename(out_dir)
+        except OSError:
+            if not (out_dir / MANIFEST).is_file():
+                raise
+            # a concurrent build of the same directory finished first: keep its result
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     finally:
@@ -268,11 +276,8 @@ def build_from_hf(src: Path, out_dir: Path, *, name: str | None = None, quantiza
     except (OSError, ValueError) as e:
         raise ModelError(f"{src} is not a Hugging Face model folder: cannot read config.json ({e})") from e
     model_type = config.get("model_type")
-    if model_type in ENCODER_TYPES:
-        kind = "encoder"
-    elif model_type in GENERATOR_TYPES:
-        kind = "generator"
-    else:
+    kind = "encoder" if model_type in ENCODER_TYPES else "generator" if model_type in GENERATOR_TYPES else None
+    if kind is None:
         raise ModelError(f"{src}: model_type {model_type!r} is not supported; encoders: "
                          f"{', '.join(ENCODER_TYPES)}; generators: {', '.join(GENERATOR_TYPES)}")
     if quantization not in QUANTIZATIONS:
@@ -307,6 +312,7 @@ def _quiet_transformers() -> None:
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
+        import torch  # noqa: F401
         import transformers
     except ImportError as e:
         raise ModelError("building models needs the conversion tools: pip install 'edge-agent[convert]' "
@@ -335,12 +341,62 @@ def _ct2_convert(src: Path, stage: Path, quantization: str, say: Progress) -> No
     _quiet_transformers()
     from ctranslate2.converters import TransformersConverter
 
+    class Converter(TransformersConverter):
+        def load_model(self, model_class: Any, path: str, **kwargs: Any) -> Any:
+            model = super().load_model(model_class, path, **kwargs)
+            _adapt_for_ct2(model)
+            return model
+
     say(f"converting to CTranslate2 {quantization}")
     try:
-        TransformersConverter(str(src), low_cpu_mem_usage=True).convert(
-            str(stage), quantization=quantization, force=True)
-    except (ValueError, AssertionError, AttributeError, KeyError, OSError) as e:
-        raise ModelError(f"CTranslate2 could not convert {src}: {type(e).__name__}: {e}") from e
+        with warnings.catch_warnings():
+            # the tools' own deprecations (ctranslate2 reading transformers 4 names): nothing a user can act on
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            Converter(str(src), low_cpu_mem_usage=True).convert(str(stage), quantization=quantization, force=True)
+    except (ValueError, AssertionError, AttributeError, KeyError, OSError, NotImplementedError) as e:
+        hint = "" if (src / "tokenizer.json").is_file() else (
+            " (this folder has no tokenizer.json: making one from tokenizer.model needs sentencepiece and protobuf)")
+        raise ModelError(f"CTranslate2 could not convert {src}: {type(e).__name__}: {e}{hint}") from e
+
+
+def _adapt_for_ct2(model: Any) -> None:
+    """Give ctranslate2 4.8's loaders the transformers 4 names they read.
+
+    transformers 5 keeps RoPE settings only in `rope_parameters` (`rope_scaling` is an alias of it), while
+    the Gemma/Gemma 2/Gemma 3/Phi-3 loaders read `config.rope_theta` and would silently fall back to a
+    default base; the Phi-3 loader also expects `rope_scaling["type"]` and a per-layer `rotary_emb`.
+    The tests compare the converted logits with transformers' to catch a wrong base.
+    """
+    config = model.config
+    text = getattr(config, "text_config", None) or config
+    params = dict(getattr(text, "rope_parameters", None) or {})
+    if "full_attention" in params:  # Gemma 3: one RoPE per layer type
+        full, local = params["full_attention"], params.get("sliding_attention", {})
+        if full.get("rope_type", "default") != "default":
+            raise ModelError("Gemma 3 with RoPE scaling (the 4B and larger models) is not supported by "
+                             "CTranslate2's converter; the 270M and 1B models are")
+        text.rope_theta = full["rope_theta"]
+        text.rope_local_base_freq = local.get("rope_theta", 10_000)
+    elif "rope_theta" in params:
+        text.rope_theta = params["rope_theta"]
+    scalar = getattr(text, "query_pre_attn_scalar", None)  # Gemma 2/3: ctranslate2 scales by head_dim
+    if scalar is not None and scalar != getattr(text, "head_dim", scalar):
+        raise ModelError(f"query_pre_attn_scalar={scalar} differs from head_dim={text.head_dim} (e.g. Gemma 2 "
+                         "27B); CTranslate2's converter does not support that")
+    if getattr(config, "model_type", None) == "phi3":
+        if params.get("partial_rotary_factor", 1.0) != 1.0:  # Phi-4-mini; the loader rotates every dim
+            raise ModelError("Phi-3 configs with partial_rotary_factor != 1 are not supported by "
+                             "CTranslate2's converter")
+        rope_type = params.get("rope_type", "default")
+        factors = {"long_factor": None, "short_factor": None}
+        if rope_type != "default":
+            factors = {k: params.get(k) for k in factors}
+        for layer in model.model.layers:
+            layer.self_attn.rotary_emb = SimpleNamespace(**factors)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            config.rope_scaling = None if rope_type == "default" else {**params, "type": rope_type}
 
 
 def _convert_encoder(src: Path, stage: Path, quantization: str, say: Progress) -> dict[str, Any]:
@@ -366,9 +422,12 @@ def _dequantize_gguf(src: Path, dest: Path, say: Progress) -> Path:
 
     gguf = next(src.glob("*.gguf"))
     say(f"dequantizing {gguf.name} with transformers")
-    tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32,
-                                                 local_files_only=True)
+    try:  # needs the gguf and accelerate packages besides transformers
+        tokenizer = AutoTokenizer.from_pretrained(src, gguf_file=gguf.name, local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(src, gguf_file=gguf.name, dtype=torch.float32,
+                                                     local_files_only=True)
+    except (ImportError, ValueError, OSError) as e:
+        raise ModelError(f"cannot read {gguf.name}: {e}; pip install 'edge-agent[convert]'") from e
     # Saving would otherwise re-declare the folder as GGUF-quantized and the converter would refuse it.
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
@@ -384,8 +443,12 @@ def _convert_generator(src: Path, stage: Path, quantization: str, say: Progress)
     _ct2_convert(src, stage, quantization, say)
     _copy_tokenizer(src, stage, generator=True)
     text_config = config.get("text_config") or config
-    return {"model_type": config.get("model_type"),
-            "max_length": text_config.get("max_position_embeddings"), **_tool_versions()}
+    max_length = text_config.get("max_position_embeddings")
+    if config.get("model_type") == "gemma3_text" and text_config.get("sliding_window"):
+        # ctranslate2 4.8 mixes up Gemma 3's local (sliding) and global layers once a sequence outgrows
+        # the window (measured against transformers): keep prompt + output inside it.
+        max_length = min(max_length or 1 << 30, int(text_config["sliding_window"]))
+    return {"model_type": config.get("model_type"), "max_length": max_length, **_tool_versions()}
 
 
 def _copy_tokenizer(src: Path, stage: Path, *, generator: bool) -> None:

@@ -167,19 +167,19 @@ def test_verify_returns_the_manifest(tmp_path):
 def test_verify_names_the_modified_missing_or_extra_file(tmp_path):
     model = _fake_model(tmp_path / "m")
     (model / "tokenizer.json").write_text('{"x": 1}')
-    with pytest.raises(ModelError, match="model file tokenizer.json .* was modified"):
+    with pytest.raises(ModelError, match=r"model file tokenizer\.json .* was modified"):
         models.verify(model)
     (model / "tokenizer.json").unlink()
-    with pytest.raises(ModelError, match="model file tokenizer.json is missing"):
+    with pytest.raises(ModelError, match=r"model file tokenizer\.json is missing"):
         models.verify(model)
     (model / "tokenizer.json").write_text("{}")
     models.verify(model)
     (model / "extra.bin").write_bytes(b"")
-    with pytest.raises(ModelError, match="unexpected file extra.bin"):
+    with pytest.raises(ModelError, match=r"unexpected file extra\.bin"):
         models.verify(model)
     (model / "extra.bin").unlink()
     (model / "manifest.json").unlink()
-    with pytest.raises(ModelError, match="no manifest.json"):
+    with pytest.raises(ModelError, match=r"no manifest\.json"):
         models.verify(model)
 
 
@@ -199,7 +199,6 @@ def test_build_will_not_replace_a_foreign_directory(tmp_path):
     (tmp_path / "src" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
-    pytest.importorskip("transformers")
     with pytest.raises(ModelError, match="exists and is not a model directory"):
         models.build_from_hf(tmp_path / "src", tmp_path / "out")
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
@@ -210,22 +209,33 @@ def test_from_hf_refuses_unsupported_architectures(tmp_path):
     with pytest.raises(ModelError, match=r"model_type 'gpt2' is not supported; encoders: bert, distilbert, "
                                          r"xlm-roberta; generators: llama, qwen2, phi3"):
         models.build_from_hf(tmp_path, tmp_path / "out")
-    with pytest.raises(ModelError, match="cannot read config.json"):
+    with pytest.raises(ModelError, match=r"cannot read config\.json"):
         models.build_from_hf(tmp_path / "nowhere", tmp_path / "out")
 
 
-def test_runtime_path_imports_neither_torch_nor_transformers(minilm):
-    code = ("import sys, edge_agent.encoder, edge_agent.models as m; "
-            f"e = edge_agent.encoder.Encoder({str(minilm)!r}); e.embed(['pump leak']); m.verify(e.model_dir); "
-            "heavy = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'transformers', 'accelerate', "
-            "'gguf', 'safetensors')); print(heavy); sys.exit(1 if heavy else 0)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+HEAVY = ("torch", "transformers", "accelerate", "gguf", "safetensors", "huggingface_hub")
+
+
+def _imports_after(code: str) -> list[str]:
+    check = f"import sys; {code}; print(sorted({{k.split('.')[0] for k in sys.modules}} & set({HEAVY!r})))"
+    proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.strip().replace("'", '"'))
+
+
+def test_runtime_modules_import_neither_torch_nor_transformers(tmp_path):
+    model = _fake_model(tmp_path / "m")
+    assert _imports_after(f"import edge_agent.encoder, edge_agent.models as m; m.verify({str(model)!r})") == []
+
+
+def test_loading_and_running_the_encoder_imports_neither(minilm):
+    code = f"import edge_agent.encoder as e; e.Encoder({str(minilm)!r}).embed(['pump leak'])"
+    assert _imports_after(code) == []
 
 
 # ---------------------------------------------------------------- --from-hf, one tiny model per family
 
-WORDS = "pump seal leak motor bearing noise replaced oil filter valve hose burst".split()
+WORDS = ["pump", "seal", "leak", "motor", "bearing", "noise", "replaced", "oil", "filter", "valve", "hose", "burst"]
 ENCODER_SPECIALS = {"bert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
                     "distilbert": ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"],
                     "xlm-roberta": ["<s>", "<pad>", "</s>", "<unk>", "<mask>"]}
@@ -339,6 +349,32 @@ def test_from_hf_converts_loads_and_matches_transformers(family, tmp_path):
         np.testing.assert_allclose(logits, expected, atol=2e-3 * np.abs(expected).max(), rtol=1e-3)
         if family == "gemma3_text":
             assert manifest["max_length"] == 32  # capped at the sliding window
+
+
+def test_from_hf_makes_tokenizer_json_from_a_sentencepiece_model(tmp_path):
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    spm = pytest.importorskip("sentencepiece")
+    pytest.importorskip("google.protobuf")
+    import tokenizers
+    import transformers as tf
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join([" ".join(WORDS), "the quick brown fox jumps over the lazy dog"] * 50))
+    spm.SentencePieceTrainer.train(input=str(corpus), model_prefix=str(tmp_path / "sp"), vocab_size=40,
+                                   model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+                                   minloglevel=2)
+    src = tmp_path / "hf"
+    torch.manual_seed(0)
+    tf.LlamaForCausalLM(tf.LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                       intermediate_size=64, vocab_size=40)).save_pretrained(src)
+    shutil.copyfile(tmp_path / "sp.model", src / "tokenizer.model")
+    (src / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    out = models.build_from_hf(src, tmp_path / "out")
+    assert "tokenizer.json" in models.verify(out)["files"]
+    tokens = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode("pump seal").tokens
+    assert "".join(tokens).replace("▁", "") == "pumpseal"
 
 
 # ---------------------------------------------------------------- the default generator
