@@ -102,7 +102,7 @@ class OutboxConfig(_Frozen):
 
 
 class PipelineConfig(_Frozen):
-    batch_max: int = Field(64, ge=1, le=10_000, description="messages processed and committed together")
+    batch_max: int = Field(256, ge=1, le=10_000, description="messages processed and committed together")
     batch_wait_ms: int = Field(20, ge=0, le=10_000, description="how long to wait to fill a batch")
     drain_timeout_s: float = Field(10.0, ge=0, description="on stop, how long to finish queued work")
     max_payload_bytes: int = Field(256 * 1024, ge=16, le=256 * 1024 * 1024)

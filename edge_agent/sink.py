@@ -134,8 +134,9 @@ class Sink:
         self.published += 1
         self.replayed += item.replayed
 
-    def _settle(self) -> None:
-        acked = []
+    def _settle(self) -> list[int]:
+        """Match PUBACKs to rows; return the seqs to delete."""
+        acked: list[int] = []
         while self._settled:
             mid, rc = self._settled.popleft()
             item = self._inflight.pop(mid, None)
@@ -147,11 +148,18 @@ class Sink:
                 log.error("sink.publish_rejected", reason=str(rc), topic=item.record.topic, id=item.record.id)
             else:
                 acked.append(item.record.seq)
-        if acked:
-            self._outbox.accept(acked)
+        return acked
 
     def _dispatch(self) -> None:
-        self._settle()
+        acked = self._settle()
+        try:
+            self._refill(acked)
+        finally:
+            # Deleted after the window is refilled, so the delete's disk write never idles the window.
+            if acked:
+                self._outbox.accept(acked)
+
+    def _refill(self, acked: list[int]) -> None:
         if self._new_connection:
             self._new_connection = False
             # Everything committed but not yet handed to paho is backlog now.
@@ -174,6 +182,7 @@ class Sink:
             if want:
                 handed = {i.record.seq for i in self._inflight.values()}
                 handed.update(i.record.seq for _, i in self._failed)
+                handed.update(acked)  # PUBACKed, deleted right after this round
                 rows = self._outbox.batch(want, after_seq=self._backlog_cursor, up_to_seq=self._boundary)
                 for rec in rows:
                     if rec.seq not in handed:  # handed to paho before the outage: paho re-sends it
@@ -217,7 +226,8 @@ class Sink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self._settle()
+        if acked := self._settle():
+            self._outbox.accept(acked)
         if self._connected.is_set():
             info = self._client.publish(self.status_topic, self._status(False), qos=1, retain=True)
             # Disconnected meanwhile: the broker publishes our will instead.

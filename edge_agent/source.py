@@ -35,8 +35,6 @@ class Source:
     def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str) -> None:
         self._cfg = cfg
         self._filters = sorted({r.topic for r in routes})
-        # v5: the broker never exceeds our Receive Maximum, so this queue cannot fill. v3.1.1 has no such
-        # limit; the broker's own inflight cap (mosquitto: 20) bounds it in practice.
         self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
         self._client = make_client(cfg, client_id, persistent=True, manual_ack=True)
         self._client.on_connect = self._on_connect
@@ -45,7 +43,7 @@ class Source:
         self._accepting = threading.Event()
         self.connected = threading.Event()
         self.received = 0
-        self.overflowed = 0
+        self.backpressure = 0  # half-second waits on a full queue
         self.reconnects = 0
 
     # paho callbacks (run on paho's network thread; must not block) ------------------------------
@@ -67,14 +65,19 @@ class Source:
         self.connected.clear()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
-        if not self._accepting.is_set():
-            return  # stopping: left unacked, the broker redelivers it to our next session
-        try:
-            self.queue.put_nowait(Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time()))
-            self.received += 1
-        except queue.Full:
-            self.overflowed += 1
-            log.error("source.queue_full", topic=msg.topic, hint="lower source.receive_maximum")
+        item = Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time())
+        # Blocking here when the queue is full stops paho reading the socket: TCP back-pressure. Mosquitto
+        # 2.0 can send more than Receive Maximum (a whole window per PUBACK), so "cannot fill" is not true,
+        # and dropping an unacked message would strand it until the next session. Acks do not need this
+        # thread to return (paho queues them), so the pipeline keeps draining and this unblocks.
+        while self._accepting.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                self.received += 1
+                return
+            except queue.Full:
+                self.backpressure += 1
+        # Stopping: left unacked, the broker redelivers it to our next session.
 
     # lifecycle -------------------------------------------------------------------------------
     def start(self) -> None:

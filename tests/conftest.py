@@ -256,3 +256,19 @@ class AgentProcess:
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+@pytest.fixture
+def spawn_agent() -> Iterator[Callable[[Path, Path], AgentProcess]]:
+    """Start the daemon as a subprocess; whatever a failed test leaves running is killed at teardown."""
+    made: list[AgentProcess] = []
+
+    def spawn(cfg: Path, log: Path) -> AgentProcess:
+        a = AgentProcess(cfg, log).start()
+        made.append(a)
+        return a
+
+    yield spawn
+    for a in made:
+        if a.alive():
+            a.kill(signal.SIGKILL)

@@ -15,7 +15,7 @@ from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.outbox import Outbox
 
-from .conftest import AgentProcess, Broker, wait_for, write_config
+from .conftest import Broker, wait_for, write_config
 
 
 class Running:
@@ -216,10 +216,10 @@ def _publish_in_background(port: int, topic: str, count: int, pace_s: float) -> 
     return t
 
 
-def test_agent_sigkill_mid_stream_loses_nothing(tmp_path, broker, uplink, collect):
+def test_agent_sigkill_mid_stream_loses_nothing(tmp_path, broker, uplink, collect, spawn_agent):
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
     out = collect(uplink.port, "edge/results/#")
-    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    agent = spawn_agent(cfg, tmp_path / "agent.log")
     # The agent's session must exist at the broker before we publish, or early notes have no subscriber.
     assert wait_for(lambda: _subscribed(broker), 20)
     total = 400
@@ -227,39 +227,49 @@ def test_agent_sigkill_mid_stream_loses_nothing(tmp_path, broker, uplink, collec
     assert wait_for(lambda: len(out.json()) >= 50, 30)
     assert agent.kill(signal.SIGKILL) == -signal.SIGKILL
     time.sleep(0.5)
-    agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+    agent = spawn_agent(cfg, tmp_path / "agent.log")
     feeder.join(60)
-    assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), len(
+    expected = {f"n{i}" for i in range(total)}
+    assert wait_for(lambda: {r["input_id"] for r in out.json()} == expected, 60), len(
         {r["input_id"] for r in out.json()}
     )
-    results = out.json()
     by_input: dict[str, set[str]] = {}
-    for r in results:
+    for r in out.json():
         by_input.setdefault(r["input_id"], set()).add(r["id"])
     assert all(len(ids) == 1 for ids in by_input.values()), "a duplicate carried a different result id"
     assert agent.kill(signal.SIGTERM) == 0
 
 
-def test_broker_sigkill_with_persistence_loses_nothing(tmp_path, collect):
+def test_source_broker_sigkill_mid_stream_loses_nothing(tmp_path, uplink, collect, spawn_agent, publisher):
     b = Broker(tmp_path / "b")
-    b.conf.write_text(
-        b.conf.read_text().replace("autosave_interval 1", "autosave_interval 1\nautosave_on_changes true")
-    )
+    # Save after every change: what the broker PUBACKed must survive its SIGKILL (Mosquitto's own
+    # durability is not what this test is about).
+    b.conf.write_text(b.conf.read_text() + "autosave_on_changes true\n")
     b.start()
     try:
-        cfg = write_config(tmp_path / "c.toml", source_port=b.port, sink_port=b.port, outbox=tmp_path / "o.db")
-        out = collect(b.port, "edge/results/#")
-        agent = AgentProcess(cfg, tmp_path / "agent.log").start()
+        cfg = write_config(tmp_path / "c.toml", source_port=b.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+        out = collect(uplink.port, "edge/results/#")
+        agent = spawn_agent(cfg, tmp_path / "agent.log")
         assert wait_for(lambda: _subscribed(b), 20)
-        total = 300
-        feeder = _publish_in_background(b.port, "plant/m/notes", total, 0.0)
-        feeder.join(60)
+        assert agent.kill(signal.SIGTERM) == 0
+        # Notes queue up in the agent's persistent session while it is down...
+        total = 1500
+        pub = publisher(b.port)
+        for i in range(total):
+            pub.note("plant/m/notes", i)
+        time.sleep(1.5)
+        # ...then the agent drains them, and the broker dies mid-stream.
+        agent = spawn_agent(cfg, tmp_path / "agent.log")
+        assert wait_for(lambda: len(out.json()) >= 100, 30)
         b.stop(signal.SIGKILL)
+        received_at_kill = len({r["input_id"] for r in out.json()})
         time.sleep(1.0)
         b.start()
-        assert wait_for(lambda: {r["input_id"] for r in out.json()} == {f"n{i}" for i in range(total)}, 60), len(
+        expected = {f"n{i}" for i in range(total)}
+        assert wait_for(lambda: {r["input_id"] for r in out.json()} == expected, 90), len(
             {r["input_id"] for r in out.json()}
         )
+        assert received_at_kill < total, "the kill came after the stream ended: nothing was tested"
         assert agent.kill(signal.SIGTERM) == 0
     finally:
         b.stop()

@@ -1,0 +1,539 @@
+"""Shared parts of the MQTT benchmarks: a bench Mosquitto, realistic notes and results, and the child
+processes that drive a run (publisher, consumer, the agent, the plain paho relay).
+
+Every measured party runs in its own Python process, as in production: the agent (or its peer) gets a
+GIL of its own, and the load generators (publisher, consumer) cannot steal it. Children speak JSON lines
+on stdout ({"event": ...}); the parent stops the system under test by writing "stop" to its stdin. Times
+are ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process on the machine), so a publisher's
+first send and a consumer's last receipt can be subtracted across processes.
+
+    python bench/common.py consumer  --port P --topic 'edge/results/#' --expect N
+    python bench/common.py publisher --port P --n N [--inflight 1000]
+    python bench/common.py rows      --port P --db OUTBOX.db [--inflight 64]
+    python bench/common.py agent     --config C.toml --log-level warning --log-file F
+    python bench/common.py relay     --port P
+
+Set BENCH_PYSPY=DIR to run the system under test (agent or relay) under ``py-spy record`` and keep one
+profile per round in DIR, as collapsed stacks (``--format raw``: one "frame;frame;... count" line per
+stack, for flamegraph.pl or speedscope). py-spy must be installed (``pip install py-spy``); sampling adds
+overhead, so the figures of such a run are not comparable. BENCH_PYSPY_ARGS adds py-spy options, e.g.
+"--gil" to sample only the thread holding the GIL (where the CPU goes, without I/O waits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import random
+import shutil
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import paho.mqtt.client as mqtt
+
+REPO = Path(__file__).resolve().parent.parent
+MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+IN_FILTER = "plant/+/notes"
+OUT_PREFIX = "edge/results/"
+OUT_FILTER = "edge/results/#"
+# The load publisher's window. Large, but not 1000: paho walks its whole window on every PUBACK
+# (Client._update_inflight), so 1000 costs the publisher ~2x the CPU of 100 on a 2-core box where it
+# competes with the system under test (5000 notes alone: 1.07 s at 1000, 0.45 s at 100).
+PUBLISHER_INFLIGHT = 100
+
+
+# -- the broker ---------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.01) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()
+
+
+class Broker:
+    """Mosquitto on 127.0.0.1 tuned so that it is not the bottleneck: no persistence, no cap on
+    outgoing QoS 1 messages in flight (max_inflight_messages 0), a deep per-client queue (an offline
+    or slow subscriber's backlog stays queued, not dropped), and TCP_NODELAY on its sockets."""
+
+    SETTINGS = (
+        "persistence false",
+        "max_inflight_messages 0",
+        "max_queued_messages 1000000",
+        "max_queued_bytes 0",
+        "set_tcp_nodelay true",
+    )
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+        conf = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", *self.SETTINGS,
+                f"log_dest file {self.dir}/mosquitto.log", "log_type error", "log_type warning"]
+        if os.geteuid() == 0:
+            conf.append("user root")  # else it drops privileges and cannot write its log
+        self.conf = self.dir / "mosquitto.conf"
+        self.conf.write_text("\n".join(conf) + "\n")
+
+    def start(self) -> Broker:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        if not wait_for(self._accepting, timeout=10):
+            raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()[-2000:]}")
+        return self
+
+    def _accepting(self) -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                return True
+        except OSError:
+            return False
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def log(self) -> str:
+        p = self.dir / "mosquitto.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    def __enter__(self) -> Broker:
+        return self.start()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
+
+# -- realistic data -----------------------------------------------------------------------------------
+
+_TEMPLATES = (
+    "{a} discharge pressure {p} bar, alarm {c} cleared after reset",
+    "Replaced mechanical seal on {a}; vibration {v} mm/s, bearing temp {t}°C",
+    "{a} tripped on {c}. Motor current {i} A at {rpm} rpm, restarted after {m} min",
+    "Greased bearings on {a}, temp {t} °C, flow {f} L/min, no leaks found",
+    "Operator reports noise at {a}, {v} mm/s axial, check coupling alignment",
+    "{a} filter dP {p} bar high, changed element, {c} acknowledged",
+    "Inspected {a} and {b}: OK. Ambient {t}C, supply {hz} Hz",
+    "{a} outlet {t} degC, setpoint 85 degC, valve {b} at {pct}% open",
+    "PM done on {a}: belts tensioned, {i} amps, {kw} kW, runtime {h} hrs",
+    "Leak at flange of {a}, isolated via {b}, pressure dropped to {p} bar",
+)
+_ASSETS = ("P-101", "P-102A", "HX-12", "V-204", "M-33", "CV-1101", "K-7701", "FN-21", "TK-300", "C-45")
+_CODES = ("E-042", "ALM-311", "F-17", "ERR-5001", "A-220", "E_107")
+
+
+def make_notes(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
+    """n (topic, payload) inbound notes, JSON {"id", "text"}: short maintenance notes with asset tags,
+    alarm codes and measurements, spread over 4 lines' topics. Deterministic for a seed."""
+    rnd = random.Random(seed)
+    out = []
+    for k in range(n):
+        text = rnd.choice(_TEMPLATES).format(
+            a=rnd.choice(_ASSETS), b=rnd.choice(_ASSETS), c=rnd.choice(_CODES),
+            p=round(rnd.uniform(0.5, 12), 1), v=round(rnd.uniform(0.5, 11), 1), t=rnd.randint(20, 95),
+            i=round(rnd.uniform(5, 80), 1), rpm=rnd.choice((1450, 1480, 2950, 2980)), m=rnd.randint(2, 45),
+            f=rnd.randint(20, 400), hz=rnd.choice((50, 60)), pct=rnd.randint(5, 100),
+            kw=round(rnd.uniform(1, 90), 1), h=rnd.randint(100, 9000),
+        )
+        topic = f"plant/line{k % 4 + 1}/notes"
+        out.append((topic, json.dumps({"id": f"wo-{seed}-{k}", "text": text}).encode()))
+    return out
+
+
+def make_results(n: int, seed: int = 2) -> list[tuple[str, str, bytes]]:
+    """n (id, topic, payload) outbox rows exactly as the agent writes them: the patterns task run over
+    make_notes(), encoded by edge_agent.results.result_payload (about 600-900 bytes each)."""
+    sys.path.insert(0, str(REPO))
+    from edge_agent.config import PatternsTaskConfig
+    from edge_agent.patterns import PatternsTask
+    from edge_agent.processors import Note
+    from edge_agent.results import output_topic, result_id, result_payload
+
+    task = PatternsTask("patterns", PatternsTaskConfig.model_validate({}))
+    notes = make_notes(n, seed)
+    rows = []
+    now = time.time()
+    for start in range(0, n, 256):
+        chunk = notes[start : start + 256]
+        decoded = [(topic, json.loads(p), p) for topic, p in chunk]
+        outs = task.process([Note(text=d["text"], topic=t, input_id=d["id"], received_at=now) for t, d, _ in decoded])
+        for (topic, d, raw), res in zip(decoded, outs, strict=True):
+            out = output_topic("edge/results/{topic}", topic, "gw-bench")
+            rid = result_id("gw-bench", topic, out, d["id"], raw)
+            rows.append((rid, out, result_payload(rid=rid, input_id=d["id"], topic=topic, received_at=now,
+                                                  text=d["text"], results={"patterns": res},
+                                                  processed_at=now, gateway="gw-bench")))
+    task.close()
+    return rows
+
+
+# Mosquitto 2.0.11 (Debian 12) does not hold to a client's Receive Maximum (nor to max_inflight_messages
+# for 3.1.1): every PUBACK releases a whole window of queued messages (measured: receive_maximum 256, ack
+# one message -> 256 more arrive; see eclipse-mosquitto/mosquitto#2301). With the default 256 the agent's
+# source queue (1024) overflows under a burst and drops messages unacked (source.queue_full), and the run
+# stalls. The benches therefore raise it, which makes the queue (2 x receive_maximum) hold any bench burst.
+SOURCE_RECEIVE_MAXIMUM = 65535
+
+
+def agent_config(path: Path, *, port: int, outbox: Path, level: str, sink_extra: str = "") -> Path:
+    """The bench agent: one broker for source and sink, one route with the built-in patterns task, the
+    pipeline/sink defaults (batch_max 64, batch_wait_ms 20, sink inflight 64) except: session_expiry = 0,
+    so that no source session outlives its round and soaks up the peer's notes, and receive_maximum =
+    SOURCE_RECEIVE_MAXIMUM (see above)."""
+    path.write_text(f"""
+gateway_id = "gw-bench"
+[source]
+port = {port}
+session_expiry = 0
+receive_maximum = {SOURCE_RECEIVE_MAXIMUM}
+reconnect_min_delay = 0.1
+reconnect_max_delay = 0.5
+[sink]
+port = {port}
+reconnect_min_delay = 0.1
+reconnect_max_delay = 0.5
+{sink_extra}
+[outbox]
+path = "{outbox}"
+[log]
+level = "{level}"
+format = "json"
+
+[[routes]]
+topic = "{IN_FILTER}"
+text_field = "text"
+id_field = "id"
+output_topic = "{OUT_PREFIX}{{topic}}"
+tasks = ["patterns"]
+""")
+    return path
+
+
+def median(xs: list[float]) -> float:
+    return round(statistics.median(xs), 1)
+
+
+# -- the parent's handle on a child ---------------------------------------------------------------------
+
+
+class Child:
+    """A bench child process: JSON events read from its stdout on a thread, stderr to a file."""
+
+    def __init__(self, role: str, *args: str, log: Path, profile: Path | None = None) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), role, *args]
+        pyspy = os.environ.get("BENCH_PYSPY")
+        if profile is not None and pyspy:
+            Path(pyspy).mkdir(parents=True, exist_ok=True)
+            cmd = [shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy"), "record", "--threads",
+                   "--format", "raw", "--rate", "200", *os.environ.get("BENCH_PYSPY_ARGS", "").split(),
+                   "-o", str(Path(pyspy) / profile.name), "--", *cmd]
+        self.role = role
+        self.log = log
+        self._err = log.open("ab")
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err,
+                                     cwd=REPO, text=True, bufsize=1)
+        self._events: queue.Queue[dict] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            line = line.strip()
+            if line.startswith("{"):
+                self._events.put(json.loads(line))
+        self._events.put({"event": "exited"})
+
+    def expect(self, event: str, timeout: float) -> dict:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                got = self._events.get(timeout=max(left, 0.001))
+            except queue.Empty:
+                raise TimeoutError(f"{self.role}: no {event!r} within {timeout:.0f} s; log {self.log}:\n"
+                                   f"{self.log.read_text(errors='replace')[-3000:]}") from None
+            if got["event"] == event:
+                return got
+            if got["event"] == "exited":
+                raise RuntimeError(f"{self.role} exited before {event!r}; log {self.log}:\n"
+                                   f"{self.log.read_text(errors='replace')[-3000:]}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None and self.proc.stdin is not None:
+            try:
+                self.proc.stdin.write("stop\n")
+                self.proc.stdin.flush()
+            except BrokenPipeError:
+                pass
+
+    def close(self, timeout: float = 30) -> None:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait()
+        self._err.close()
+
+
+class Round:
+    """Children of one round, all killed if the round fails."""
+
+    def __init__(self) -> None:
+        self.children: list[Child] = []
+
+    def __enter__(self) -> Round:
+        return self
+
+    def spawn(self, role: str, *args: str, log: Path, profile: Path | None = None) -> Child:
+        c = Child(role, *args, log=log, profile=profile)
+        self.children.append(c)
+        return c
+
+    def __exit__(self, et: object, *_: object) -> None:
+        for c in self.children:
+            if et is not None and c.proc.poll() is None:
+                c.proc.send_signal(signal.SIGKILL)
+            c.stop()
+        for c in self.children:
+            c.close()
+
+
+# -- the children -------------------------------------------------------------------------------------
+
+
+def _emit(event: str, **fields: object) -> None:
+    print(json.dumps({"event": event, **fields}), flush=True)
+
+
+def _wait_stop() -> None:
+    for line in sys.stdin:
+        if line.strip() == "stop":
+            return
+
+
+def _client(name: str, *, inflight: int = 20) -> mqtt.Client:
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-{name}-{os.getpid()}",
+                    protocol=MQTTProtocolVersion.MQTTv5)
+    c.max_inflight_messages_set(inflight)
+    c.max_queued_messages_set(0)
+    return c
+
+
+def _connect(c: mqtt.Client, port: int, receive_maximum: int | None = None) -> None:
+    props = None
+    if receive_maximum is not None:
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.ReceiveMaximum = receive_maximum
+    c.connect("127.0.0.1", port, keepalive=30, properties=props)
+    c.loop_start()
+
+
+def child_consumer(a: argparse.Namespace) -> None:
+    """Subscribe QoS 1 and count non-retained messages until `expect` arrived (or `timeout`)."""
+    done = threading.Event()
+    state: dict[str, float | None] = {"count": 0, "t_first": None, "t_last": None}
+
+    def on_connect(c, _u, _f, _rc, _p=None) -> None:
+        c.subscribe(a.topic, qos=1)
+
+    def on_message(_c, _u, msg) -> None:
+        if msg.retain:
+            return
+        now = time.monotonic()
+        if state["t_first"] is None:
+            state["t_first"] = now
+        state["t_last"] = now
+        count = state["count"] = (state["count"] or 0) + 1
+        if count >= a.expect:
+            done.set()
+
+    c = _client("consumer")
+    c.on_connect = on_connect
+    c.on_subscribe = lambda *_: _emit("ready")
+    c.on_message = on_message
+    _connect(c, a.port)
+    deadline = time.monotonic() + a.timeout
+    while not done.wait(0.5) and time.monotonic() < deadline:
+        last = state["t_last"]
+        if last is not None and time.monotonic() - last > a.idle:
+            break  # stalled: report what arrived rather than wait out the whole timeout
+    _emit("done", **state)
+    c.disconnect()
+    c.loop_stop()
+
+
+def _publish_all(port: int, msgs: list[tuple[str, bytes]], inflight: int) -> dict:
+    """Connect, publish every message QoS 1 as fast as paho takes them, wait for every PUBACK."""
+    acked = threading.Event()
+    count = [0]
+    n = len(msgs)
+
+    def on_publish(*_a: object) -> None:
+        count[0] += 1
+        if count[0] >= n:
+            acked.set()
+
+    t_connect = time.monotonic()
+    cpu0 = time.process_time()
+    c = _client("publisher", inflight=inflight)
+    c.on_publish = on_publish
+    connected = threading.Event()
+    c.on_connect = lambda *_: connected.set()
+    _connect(c, port)
+    connected.wait(10)
+    t_first = time.monotonic()
+    for topic, payload in msgs:
+        c.publish(topic, payload, qos=1)
+    t_queued = time.monotonic()
+    ok = acked.wait(600)
+    t_acked = time.monotonic()
+    cpu_s = time.process_time() - cpu0
+    c.disconnect()
+    c.loop_stop()
+    return {"t_connect": t_connect, "t_first": t_first, "t_queued": t_queued, "t_acked": t_acked, "all_acked": ok,
+            "cpu_s": cpu_s}
+
+
+def child_publisher(a: argparse.Namespace) -> None:
+    msgs = make_notes(a.n, a.seed)
+    _emit("published", **_publish_all(a.port, msgs, a.inflight))
+
+
+def child_rows(a: argparse.Namespace) -> None:
+    """The drain peer: publish an outbox file's rows (same topics, same payload bytes), oldest first."""
+    with sqlite3.connect(f"file:{a.db}?mode=ro", uri=True) as conn:
+        msgs = conn.execute("SELECT topic, payload FROM outbox ORDER BY seq").fetchall()
+    _emit("published", n=len(msgs), **_publish_all(a.port, msgs, a.inflight))
+
+
+def child_relay(a: argparse.Namespace) -> None:
+    """The passthrough peer: a plain paho relay. Subscribes IN_FILTER QoS 1 (paho acks each message when
+    on_message returns) and republishes each message QoS 1 to OUT_PREFIX + topic on the same client."""
+    c = _client("relay", inflight=a.inflight)
+    relayed = [0]
+
+    def on_message(cl, _u, msg) -> None:
+        cl.publish(OUT_PREFIX + msg.topic, msg.payload, qos=1)
+        relayed[0] += 1
+
+    c.on_connect = lambda cl, *_: cl.subscribe(IN_FILTER, qos=1)
+    c.on_subscribe = lambda *_: _emit("ready", cpu_s=time.process_time())
+    c.on_message = on_message
+    _connect(c, a.port, receive_maximum=a.receive_maximum)
+    _wait_stop()
+    cpu = time.process_time()
+    c.disconnect()
+    c.loop_stop()
+    _emit("stopped", relayed=relayed[0], cpu_s=cpu)
+
+
+def child_agent(a: argparse.Namespace) -> None:
+    """The agent in-process (Agent.run with a stop Event, as tests/test_e2e.py does), logging through
+    edge_agent.logs at the given level as JSON into log_file (e.g. /dev/null)."""
+    sys.path.insert(0, str(REPO))
+    from edge_agent import config, logs
+    from edge_agent.agent import Agent
+
+    cfg = config.load(a.config, environ={})
+    stream = open(a.log_file, "a")  # noqa: SIM115 - lives as long as the process
+    logs.configure(a.log_level, "json", stream)
+    agent = Agent(cfg)
+    stop = threading.Event()
+    t0 = time.monotonic()
+    th = threading.Thread(target=agent.run, args=(stop,), name="bench-agent", daemon=True)
+    th.start()
+    _emit("started", t0=t0)
+    up = wait_for(lambda: agent.source is not None and agent.source.connected.is_set()
+                  and agent.sink is not None and agent.sink.connected.is_set(), timeout=30)
+    t_connected = time.monotonic()
+    if a.settle:
+        time.sleep(a.settle)  # the source's SUBSCRIBE is sent on connect; let the SUBACK land
+    _emit("ready", t_connected=t_connected, up=up, cpu_s=time.process_time())
+    _wait_stop()
+    assert agent.pipeline is not None and agent.sink is not None and agent.source is not None
+    fields = {"received": agent.source.received, "overflowed": agent.source.overflowed,
+              "source_reconnects": agent.source.reconnects, "processed": agent.pipeline.processed,
+              "published": agent.sink.published,
+              "replayed": agent.sink.replayed, "outbox_rows": agent.outbox.stats().count,
+              "cpu_s": time.process_time()}
+    stop.set()
+    th.join(60)
+    _emit("stopped", **fields)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="role", required=True)
+    p = sub.add_parser("consumer")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--topic", default=OUT_FILTER)
+    p.add_argument("--expect", type=int, required=True)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--idle", type=float, default=15, help="give up this long after the last message")
+    p.set_defaults(func=child_consumer)
+    p = sub.add_parser("publisher")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--n", type=int, required=True)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--inflight", type=int, default=PUBLISHER_INFLIGHT)
+    p.set_defaults(func=child_publisher)
+    p = sub.add_parser("rows")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--db", type=Path, required=True)
+    p.add_argument("--inflight", type=int, default=64)
+    p.set_defaults(func=child_rows)
+    p = sub.add_parser("relay")
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--inflight", type=int, default=64)
+    p.add_argument("--receive-maximum", type=int, default=SOURCE_RECEIVE_MAXIMUM)
+    p.set_defaults(func=child_relay)
+    p = sub.add_parser("agent")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--log-level", default="warning")
+    p.add_argument("--log-file", default=os.devnull)
+    p.add_argument("--settle", type=float, default=0.0)
+    p.set_defaults(func=child_agent)
+    a = ap.parse_args(argv)
+    a.func(a)
+
+
+def rounds_of(sides: list[str], rounds: int) -> Iterator[tuple[int, str]]:
+    """Alternate the sides, rotating who goes first each round, so that neither always runs warm."""
+    for r in range(rounds):
+        k = r % len(sides)
+        for side in sides[k:] + sides[:k]:
+            yield r, side
+
+
+if __name__ == "__main__":
+    main()
