@@ -159,8 +159,45 @@ class TaggerTaskConfig(_EncoderTask):
     head: Path = Field(description="head trained by `edge-agent tagger train`")
 
 
+_DEFAULT_FIELDS = {
+    "asset": "the equipment or component the note is about",
+    "symptom": "what is wrong with it",
+    "action": "what was done or needs doing",
+}
+
+
+class GeneratorTaskConfig(_Frozen):
+    kind: Literal["generator"]
+    model: Path = Field(description="a generator directory made by `edge-agent models build`")
+    fields: dict[str, str] = Field(
+        default_factory=lambda: dict(_DEFAULT_FIELDS), description="field name -> what it means, in order"
+    )
+    max_field_tokens: int = Field(16, ge=1, le=256, description="tokens generated per field at most")
+    intra_threads: int = Field(0, ge=0, le=64, description="threads per batch; 0 = min(4, CPU cores)")
+    inter_threads: int = Field(1, ge=1, le=16)
+
+    @field_validator("fields")
+    @classmethod
+    def _names(cls, v: dict[str, str]) -> dict[str, str]:
+        if not v:
+            raise ValueError("declare at least one field (name = description)")
+        for name in v:
+            if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", name):
+                raise ValueError(f"field name {name!r} must be lower-case letters, digits or '_'")
+        return v
+
+
+class LogTemplateTaskConfig(_Frozen):
+    kind: Literal["log_template"]
+    similarity: float = Field(0.4, gt=0, lt=1, description="drain3 similarity threshold")
+    depth: int = Field(4, ge=3, le=10, description="drain3 parse-tree depth")
+    max_clusters: int = Field(1000, ge=1, description="templates kept (least recently used dropped)")
+    state_file: Path | None = Field(None, description="persist learned templates here across restarts")
+
+
 TaskConfig = Annotated[
-    PatternsTaskConfig | ClassifierTaskConfig | TaggerTaskConfig, Field(discriminator="kind")
+    PatternsTaskConfig | ClassifierTaskConfig | TaggerTaskConfig | GeneratorTaskConfig | LogTemplateTaskConfig,
+    Field(discriminator="kind"),
 ]
 
 
@@ -251,7 +288,7 @@ _HINTS = {
     "string_too_short": "give a non-empty value",
     "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
     "too_short": "add at least one entry (e.g. one [[routes]] table)",
-    "union_tag_invalid": "set kind to a known task kind: patterns, classifier or tagger",
+    "union_tag_invalid": "set kind to a known task kind: patterns, classifier, tagger, generator or log_template",
 }
 
 

@@ -11,7 +11,14 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .config import ClassifierTaskConfig, Config, PatternsTaskConfig, TaggerTaskConfig
+from .config import (
+    ClassifierTaskConfig,
+    Config,
+    GeneratorTaskConfig,
+    LogTemplateTaskConfig,
+    PatternsTaskConfig,
+    TaggerTaskConfig,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +79,14 @@ def build_tasks(cfg: Config) -> dict[str, Task]:
             from .tagger import TaggerTask
 
             tasks[name] = TaggerTask(name, tcfg, models.encoder(tcfg))
+        elif isinstance(tcfg, GeneratorTaskConfig):
+            from .generator import GeneratorTask
+
+            tasks[name] = GeneratorTask(name, tcfg)
+        elif isinstance(tcfg, LogTemplateTaskConfig):
+            from .logtemplate import LogTemplateTask
+
+            tasks[name] = LogTemplateTask(name, tcfg)
         else:  # pragma: no cover - the config model's discriminator makes this unreachable
             raise TypeError(f"no processor for task kind {tcfg.kind!r}")
     return tasks
