@@ -191,25 +191,22 @@ def make_results(n: int, seed: int = 2) -> list[tuple[str, str, bytes]]:
     return rows
 
 
-# Mosquitto 2.0.11 (Debian 12) does not hold to a client's Receive Maximum (nor to max_inflight_messages
-# for 3.1.1): every PUBACK releases a whole window of queued messages (measured: receive_maximum 256, ack
-# one message -> 256 more arrive; see eclipse-mosquitto/mosquitto#2301). With the default 256 the agent's
-# source queue (1024) overflows under a burst and drops messages unacked (source.queue_full), and the run
-# stalls. The benches therefore raise it, which makes the queue (2 x receive_maximum) hold any bench burst.
+# Mosquitto 2.0.11 (Debian 12) does not hold to a client's Receive Maximum: every PUBACK releases a whole
+# window of queued messages (measured: receive_maximum 256, ack one -> 256 more arrive). The agent's source
+# blocks on a full queue (TCP back-pressure), so the bench agent keeps the default receive_maximum; the
+# plain relay has no queue to protect and asks for the most.
 SOURCE_RECEIVE_MAXIMUM = 65535
 
 
 def agent_config(path: Path, *, port: int, outbox: Path, level: str, sink_extra: str = "") -> Path:
     """The bench agent: one broker for source and sink, one route with the built-in patterns task, the
-    pipeline/sink defaults (batch_max 64, batch_wait_ms 20, sink inflight 64) except: session_expiry = 0,
-    so that no source session outlives its round and soaks up the peer's notes, and receive_maximum =
-    SOURCE_RECEIVE_MAXIMUM (see above)."""
+    pipeline/sink defaults except session_expiry = 0, so that no source session outlives its round and
+    soaks up the peer's notes."""
     path.write_text(f"""
 gateway_id = "gw-bench"
 [source]
 port = {port}
 session_expiry = 0
-receive_maximum = {SOURCE_RECEIVE_MAXIMUM}
 reconnect_min_delay = 0.1
 reconnect_max_delay = 0.5
 [sink]
@@ -481,7 +478,7 @@ def child_agent(a: argparse.Namespace) -> None:
     _emit("ready", t_connected=t_connected, up=up, cpu_s=time.process_time())
     _wait_stop()
     assert agent.pipeline is not None and agent.sink is not None and agent.source is not None
-    fields = {"received": agent.source.received, "overflowed": agent.source.overflowed,
+    fields = {"received": agent.source.received, "backpressure_waits": agent.source.backpressure,
               "source_reconnects": agent.source.reconnects, "processed": agent.pipeline.processed,
               "published": agent.sink.published,
               "replayed": agent.sink.replayed, "outbox_rows": agent.outbox.stats().count,

