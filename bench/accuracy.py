@@ -285,10 +285,10 @@ if (Path(__file__).parent / "accuracy_maintie.py").is_file():
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    lines = [f"{'name':38} {'metric':18} {'value':>8} {'baseline':>9}"]
+    lines = [f"{'name':44} {'metric':26} {'value':>8} {'baseline':>9}"]
     for r in rows:
         fmt = lambda v: "" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-        lines.append(f"{r['name']:38} {r['metric']:18} {fmt(r['value']):>8} {fmt(r.get('baseline')):>9}")
+        lines.append(f"{r['name']:44} {r['metric']:26} {fmt(r['value']):>8} {fmt(r.get('baseline')):>9}")
     return "\n".join(lines)
 
 

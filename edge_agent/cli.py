@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     _add_models(sub)
+    from . import classifier
+
+    classifier.add_parser(sub)
     return ap
 
 

@@ -9,11 +9,15 @@ The decoder never evaluates payload content; it only parses JSON.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .errors import DecodeError
 
 _JSON_WS = " \t\r\n"
+# A JSON "\ud800" escape decodes to a lone surrogate: not encodable as UTF-8, so it could never be
+# published (nor tokenized). It becomes U+FFFD, the replacement character, like any other broken text.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _reject_constant(name: str) -> Any:
@@ -86,6 +90,7 @@ def decode(
         raise DecodeError(f"field {text_field!r} is a {_kind(value)}, expected a string")
     if not value.strip():
         raise DecodeError(f"field {text_field!r} is empty")
+    value = _SURROGATE.sub("\ufffd", value)
 
     input_id: str | None = None
     if id_field is not None:
@@ -95,5 +100,5 @@ def decode(
             raw_id = None  # the producer id is optional
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int | None):
             raise DecodeError(f"field {id_field!r} is a {_kind(raw_id)}, expected a string or integer")
-        input_id = None if raw_id is None else str(raw_id)
+        input_id = None if raw_id is None else _SURROGATE.sub("\ufffd", str(raw_id))
     return value, input_id

@@ -31,10 +31,11 @@ class TokenStates(NamedTuple):
 
 class Encoder:
     def __init__(self, model_dir: Path | str, *, intra_threads: int = 0, inter_threads: int = 1,
-                 max_length: int | None = None, compute_type: str = "int8") -> None:
+                 max_length: int | None = None, compute_type: str | None = None) -> None:
         """`max_length` truncates inputs (tokens, specials included); default: the manifest's value
         (the length the model was trained for, 256 for MiniLM), else 512. `intra_threads=0` lets
-        CTranslate2 choose (one per core)."""
+        CTranslate2 choose (one per core). `compute_type` defaults to the manifest's quantization, so a
+        float32 reference build is not silently run in int8."""
         self.model_dir = Path(model_dir)
         self.manifest: dict[str, Any] = models.verify(self.model_dir)
         if self.manifest["kind"] != "encoder":
@@ -45,6 +46,7 @@ class Encoder:
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(self.max_length)
         try:
+            compute_type = compute_type or self.manifest.get("quantization", "int8")
             self._model = ctranslate2.Encoder(str(self.model_dir), device="cpu", compute_type=compute_type,
                                               intra_threads=intra_threads, inter_threads=inter_threads)
         except (RuntimeError, ValueError) as e:

@@ -45,6 +45,12 @@ def test_reasons(payload: bytes, kwargs: dict, reason: str) -> None:
     assert ei.value.reason == reason
 
 
+def test_lone_surrogates_become_replacement_characters() -> None:
+    text, input_id = decode(b'{"text": "pump \\ud800 leak", "id": "a\\udfff"}', id_field="id")
+    assert text == "pump \ufffd leak" and input_id == "a\ufffd"
+    text.encode("utf-8")  # publishable
+
+
 def test_deep_nesting_beyond_python_recursion_is_a_reason() -> None:
     payload = b'{"text": "x", "a": ' + b"[" * 200_000 + b"]" * 200_000 + b"}"
     with pytest.raises(DecodeError, match="nested deeper than 32"):
@@ -76,6 +82,7 @@ def test_fuzz_only_decode_errors(payload: bytes) -> None:
         assert e.reason
     else:
         assert isinstance(text, str) and text.strip()
+        text.encode("utf-8")
         assert input_id is None or isinstance(input_id, str)
 
 
