@@ -233,6 +233,29 @@ def test_loading_and_running_the_encoder_imports_neither(minilm):
     assert _imports_after(code) == []
 
 
+def test_daemon_run_path_with_model_tasks_imports_neither(minilm, tmp_path):
+    """The whole run path: CLI, agent, and every task kind the config can name, built and run once."""
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[tasks.category]
+kind = "classifier"
+model = "{minilm}"
+labels = {{ leak = "fluid leaking", noise = "abnormal noise or vibration" }}
+[tasks.logs]
+kind = "log_template"
+[[routes]]
+topic = "plant/+/notes"
+tasks = ["patterns", "category", "logs"]
+""")
+    code = (
+        "import edge_agent.cli, edge_agent.agent; from edge_agent import config, processors; "
+        f"c = config.load({str(cfg)!r}, environ={{}}); ts = processors.build_tasks(c); "
+        "n = [processors.Note(text='P-101 seal leaking 4 bar', topic='plant/a/notes')]; "
+        "assert all(t.process(n) for t in ts.values()), ts"
+    )
+    assert _imports_after(code) == []
+
+
 # ---------------------------------------------------------------- --from-hf, one tiny model per family
 
 WORDS = ["pump", "seal", "leak", "motor", "bearing", "noise", "replaced", "oil", "filter", "valve", "hose", "burst"]
