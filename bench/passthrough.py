@@ -86,8 +86,8 @@ def run(quick: bool) -> list[dict]:
         "broker": "mosquitto 2.0.11, " + ", ".join(Broker.SETTINGS),
         "agent": "1 route, built-in patterns task; outbox WAL synchronous=FULL"
                  f"{' on the repo disk' if same_disk else ' (temp dir NOT on the repo disk)'}; "
-                 "config defaults (batch_max 256, batch_wait_ms 20, sink inflight 64, receive_maximum 256) "
-                 "except source session_expiry 0",
+                 "config defaults (batch_max 256, batch_wait_ms 20, sink inflight 64) except source "
+                 f"session_expiry 0 and receive_maximum {SOURCE_RECEIVE_MAXIMUM} (as the relay's)",
         "samples_peer": rates["peer"],
         "peer_cpu_us_per_msg": median([d["cpu_us_per_msg"] for d in detail["peer"]]),
         "cores": os.cpu_count(),

@@ -134,9 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     _add_models(sub)
-    from . import classifier
+    from . import classifier, tagger
 
     classifier.add_parser(sub)
+    tagger.add_parser(sub)
     return ap
 
 
