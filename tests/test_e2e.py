@@ -302,3 +302,48 @@ def test_mqtt_311_on_both_sides(tmp_path, broker, uplink, collect, publisher, ru
         pub.note("plant/v3/notes", i)
     assert wait_for(lambda: len(out.json()) >= 100)
     assert sorted(ids_of(out.json())) == sorted(f"n{i}" for i in range(100))
+
+
+MINILM = Path(__file__).resolve().parent.parent / "models" / "minilm-l6"
+
+
+@pytest.mark.skipif(not (MINILM / "manifest.json").exists(), reason="models/minilm-l6 not built (.ci/setup builds it)")
+def test_model_tasks_in_the_mqtt_pipeline(tmp_path, broker, collect, publisher, run_agent):
+    routes = f"""
+[tasks.category]
+kind = "classifier"
+model = "{MINILM}"
+threshold = 0.6
+labels = {{ leak = "fluid leaking from a seal, pipe or valve", electrical = "electrical fault, tripped breaker" }}
+[tasks.logs]
+kind = "log_template"
+[[routes]]
+topic = "plant/+/notes"
+id_field = "id"
+review_topic = "edge/review/{{topic}}"
+tasks = ["patterns", "category", "logs"]
+"""
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
+                       routes=routes)
+    out = collect(broker.port, "edge/#")
+    run_agent(cfg)
+    pub = publisher(broker.port)
+    notes = ["P-101 seal leaking, oil under the pump", "breaker tripped on motor M-7, 32 A", "shift handover"]
+    for i, text in enumerate(notes):
+        pub.note("plant/l1/notes", i, text)
+    results = lambda: [r for r in out.json() if r.get("schema") == "edge-agent/result/1"]  # noqa: E731
+    assert wait_for(lambda: len(results()) == 3, 60)
+    by_id = {r["input_id"]: r for r in results()}
+    assert by_id["n0"]["results"]["category"]["label"] == "leak"
+    assert by_id["n1"]["results"]["category"]["label"] == "electrical"
+    assert by_id["n1"]["results"]["patterns"]["measurements"][0]["normalized"] == {"value": 32.0, "unit": "A"}
+    for r in by_id.values():
+        scores = r["results"]["category"]["scores"]
+        assert abs(sum(scores.values()) - 1) < 1e-3
+        assert r["results"]["logs"]["template"]
+    # Where the classifier is unsure, the result goes to the review topic instead of the results topic.
+    assert by_id["n2"]["results"]["category"]["review"] is True  # "shift handover" is neither
+    topics = {json.loads(p)["input_id"]: t for t, p, _ in out.messages if t.startswith("edge/re")}
+    for input_id, r in by_id.items():
+        unsure = r["results"]["category"]["review"]
+        assert topics[input_id] == ("edge/review/plant/l1/notes" if unsure else "edge/results/plant/l1/notes")
