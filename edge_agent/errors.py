@@ -31,13 +31,5 @@ class DecodeError(EdgeAgentError):
         super().__init__(reason)
 
 
-class PublishError(EdgeAgentError):
-    """paho refused a publish; `rc` is paho's MQTTErrorCode value."""
-
-    def __init__(self, rc: int, message: str = "") -> None:
-        self.rc = rc
-        super().__init__(message or f"publish failed with rc={rc}")
-
-
 class TransientError(EdgeAgentError):
     """A failure worth retrying (broker unreachable, database locked)."""
