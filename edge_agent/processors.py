@@ -19,6 +19,7 @@ from .config import (
     PatternsTaskConfig,
     TaggerTaskConfig,
 )
+from .errors import ConfigError, ModelError
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,32 +62,46 @@ class Models:
 
 
 def build_tasks(cfg: Config) -> dict[str, Task]:
-    """Instantiate every task that some route names (built-ins included), once each."""
+    """Instantiate every task that some route names (built-ins included), once each.
+
+    A model or head that cannot be loaded is a config error naming the task, so `run` exits 2 with the
+    field and the fix, like any other bad setting.
+    """
     names = {name for route in cfg.routes for name in route.tasks}
     models = Models()
     tasks: dict[str, Task] = {}
     for name in sorted(names):
-        tcfg = cfg.task(name)
-        if isinstance(tcfg, PatternsTaskConfig):
-            from .patterns import PatternsTask
-
-            tasks[name] = PatternsTask(name, tcfg)
-        elif isinstance(tcfg, ClassifierTaskConfig):
-            from .classifier import ClassifierTask
-
-            tasks[name] = ClassifierTask(name, tcfg, models.encoder(tcfg))
-        elif isinstance(tcfg, TaggerTaskConfig):
-            from .tagger import TaggerTask
-
-            tasks[name] = TaggerTask(name, tcfg, models.encoder(tcfg))
-        elif isinstance(tcfg, GeneratorTaskConfig):
-            from .generator import GeneratorTask
-
-            tasks[name] = GeneratorTask(name, tcfg)
-        elif isinstance(tcfg, LogTemplateTaskConfig):
-            from .logtemplate import LogTemplateTask
-
-            tasks[name] = LogTemplateTask(name, tcfg)
-        else:  # pragma: no cover - the config model's discriminator makes this unreachable
-            raise TypeError(f"no processor for task kind {tcfg.kind!r}")
+        try:
+            tasks[name] = _build(name, cfg.task(name), models)
+        except (ModelError, OSError) as e:
+            raise ConfigError(
+                f"tasks.{name}",
+                str(e),
+                "point model/head at a directory built by `edge-agent models build` (or a trained head), "
+                "or rebuild it",
+            ) from e
     return tasks
+
+
+def _build(name: str, tcfg: Any, models: Models) -> Task:
+    if isinstance(tcfg, PatternsTaskConfig):
+        from .patterns import PatternsTask
+
+        return PatternsTask(name, tcfg)
+    if isinstance(tcfg, ClassifierTaskConfig):
+        from .classifier import ClassifierTask
+
+        return ClassifierTask(name, tcfg, models.encoder(tcfg))
+    if isinstance(tcfg, TaggerTaskConfig):
+        from .tagger import TaggerTask
+
+        return TaggerTask(name, tcfg, models.encoder(tcfg))
+    if isinstance(tcfg, GeneratorTaskConfig):
+        from .generator import GeneratorTask
+
+        return GeneratorTask(name, tcfg)
+    if isinstance(tcfg, LogTemplateTaskConfig):
+        from .logtemplate import LogTemplateTask
+
+        return LogTemplateTask(name, tcfg)
+    raise TypeError(f"no processor for task kind {tcfg.kind!r}")  # pragma: no cover - the discriminator

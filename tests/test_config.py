@@ -128,3 +128,23 @@ def test_cli_check_config_ok_and_version() -> None:
     assert r.returncode == 0 and "ok" in r.stdout
     r = run_cli("--version")
     assert r.returncode == 0 and r.stdout.startswith("edge-agent ")
+
+
+def test_cli_run_exit_2_when_a_model_is_missing(tmp_path: Path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text(f"""
+[source]
+port = 1
+[sink]
+port = 1
+[outbox]
+path = "{tmp_path / "o.db"}"
+[tasks.category]
+kind = "classifier"
+model = "{tmp_path / "no-such-model"}"
+labels = {{ a = "x", b = "y" }}
+{ROUTE}tasks = ["category"]
+""")
+    r = run_cli("run", "--config", str(p))
+    assert r.returncode == 2, r.stderr
+    assert "tasks.category" in r.stderr and "models build" in r.stderr
