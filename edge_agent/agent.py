@@ -71,17 +71,17 @@ class Agent:
         tick = min(ping or 1.0, 1.0)
         next_expire = time.monotonic() + EXPIRE_EVERY_S
         while not stop.wait(tick):
-            if ping is not None and self._healthy():
+            if ping is not None and self._healthy(ping):
                 self.notifier.watchdog()
             if time.monotonic() >= next_expire:
                 self.outbox.expire()
                 next_expire = time.monotonic() + EXPIRE_EVERY_S
 
-    def _healthy(self) -> bool:
+    def _healthy(self, ping: float) -> bool:
         """The pipeline is alive: it made progress recently, or has nothing to do."""
         assert self.pipeline is not None and self.source is not None
         idle = self.source.queue.empty()
-        return idle or time.monotonic() - self.pipeline.last_progress < 2 * (watchdog_interval() or 30)
+        return idle or time.monotonic() - self.pipeline.last_progress < 2 * ping
 
     def stop(self) -> None:
         timeout = self.cfg.pipeline.drain_timeout_s

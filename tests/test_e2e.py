@@ -290,7 +290,6 @@ def test_mqtt_311_on_both_sides(tmp_path, broker, uplink, collect, publisher, ru
         source_port=broker.port,
         sink_port=uplink.port,
         outbox=tmp_path / "o.db",
-        extra="",
     )
     text = cfg.read_text().replace("[source]\n", '[source]\nprotocol = "3.1.1"\n')
     cfg.write_text(text.replace("[sink]\n", '[sink]\nprotocol = "3.1.1"\n'))
