@@ -9,6 +9,11 @@ Peer: SentenceTransformer(<the fp32 all-MiniLM-L6-v2 folder from the gt_all_mini
 device="cpu"), torch.set_num_threads(2), encode(batch_size=32, normalize_embeddings=True), then the SAME
 head applied to its embeddings, so both sides do the full classification of the same texts.
 
+End to end (`classify/mqtt_notes_per_s`): the agent itself (bench/common.py "agent" child: source QoS 1 →
+pipeline → the `classifier` task with the same model and head → durable outbox → sink QoS 1) on one bench
+Mosquitto, fed the same texts by the QoS 1 publisher; rate = N / (last result received - first note sent).
+Its peer is the same in-process sentence-transformers figure, which does no MQTT and no disk at all.
+
 Texts: every FMC text + every MaintIE gold text, repeated to N (2000 with --quick, 10000 otherwise).
 Each side runs in its own subprocess per round (ru_maxrss = that process's peak RSS), rounds alternate
 (bench.common.rounds_of), 3 rounds; figures are medians. Throughput is warm: model load (reported as its
@@ -157,12 +162,36 @@ def _run_child(python: str, side: str, model: Path, head: Path, texts: Path, lab
     return json.loads(lines[-1])
 
 
+def _mqtt_round(r: int, broker, work: Path, head: Path, texts: Path, n: int) -> float:
+    """One end-to-end round through the agent; returns notes/s."""
+    from common import Round, agent_config
+
+    tag = f"mqtt-r{r}"
+    task = f'[tasks.fmc]\nkind = "classifier"\nmodel = "{MODEL}"\nhead = "{head}"\n'
+    cfg = agent_config(work / f"{tag}.toml", port=broker.port, outbox=work / f"{tag}.db", level="warning",
+                       tasks=("fmc",), tasks_toml=task)
+    with Round() as rd:
+        consumer = rd.spawn("consumer", "--port", str(broker.port), "--expect", str(n), log=work / f"{tag}.consumer")
+        agent = rd.spawn("agent", "--config", str(cfg), "--settle", "0.5", log=work / f"{tag}.agent")
+        consumer.expect("ready", 30)
+        agent.expect("ready", 120)
+        pub = rd.spawn("publisher", "--port", str(broker.port), "--n", str(n), "--texts", str(texts),
+                       log=work / f"{tag}.publisher")
+        sent = pub.expect("published", 600)
+        got = consumer.expect("done", 600)
+        agent.stop()
+        agent.expect("stopped", 60)
+    if got["count"] < n:
+        raise RuntimeError(f"{tag}: consumer got {got['count']} of {n}")
+    return n / (got["t_last"] - sent["t_first"])
+
+
 def _med(xs: list[float], nd: int = 1) -> float | None:
     return round(statistics.median(xs), nd) if xs else None
 
 
 def run(quick: bool) -> list[dict]:
-    from common import rounds_of
+    from common import Broker, rounds_of
 
     n = 2000 if quick else 10000
     load0 = os.getloadavg()
@@ -185,21 +214,24 @@ def run(quick: bool) -> list[dict]:
                 peer_error = f"peer model: {e}"
 
         results: dict[str, list[dict]] = {"ours": [], "peer": []}
+        mqtt_rates: list[float] = []
         timeout = 120 if quick else 600
-        for r, side in rounds_of(["ours", "peer"], ROUNDS):
-            if side == "peer" and peer_error:
-                continue
-            labels_out = tmp / f"labels-{side}.json" if r == 0 else None
-            try:
-                if side == "ours":
-                    results[side].append(_run_child(sys.executable, "ours", MODEL, head, texts, labels_out, timeout))
-                else:
-                    assert peer_model is not None
-                    results[side].append(_run_child(PEER_PYTHON, "peer", peer_model, head, texts, labels_out, timeout))
-            except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
-                if side == "ours":
-                    raise
-                peer_error = f"peer could not run: {e}"
+        with Broker(tmp / "broker") as broker:
+            for r, side in rounds_of(["ours", "peer", "mqtt"], ROUNDS):
+                if side == "peer" and peer_error:
+                    continue
+                if side == "mqtt":
+                    mqtt_rates.append(round(_mqtt_round(r, broker, tmp, head, texts, n), 1))
+                    continue
+                labels_out = tmp / f"labels-{side}.json" if r == 0 else None
+                python, model = (sys.executable, MODEL) if side == "ours" else (PEER_PYTHON, peer_model)
+                try:
+                    assert model is not None
+                    results[side].append(_run_child(python, side, model, head, texts, labels_out, timeout))
+                except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+                    if side == "ours":
+                        raise
+                    peer_error = f"peer could not run: {e}"
 
         agreement = None
         if not peer_error and (tmp / "labels-ours.json").exists() and (tmp / "labels-peer.json").exists():
@@ -229,6 +261,12 @@ def run(quick: bool) -> list[dict]:
          "target": "ratio >= 5 (ours / peer)", "warm": "model load and a warm-up batch excluded",
          "head_train_s": round(train_s, 2), "loadavg_before": [round(x, 2) for x in load0],
          "loadavg_after": [round(x, 2) for x in load1]},
+        {"name": "classify/mqtt_notes_per_s", "ours": _med(mqtt_rates), "peer": fig("peer", "notes_per_s"),
+         "unit": "notes/s", **common, "ours_rounds": mqtt_rates,
+         "ours_name": "edge-agent daemon end to end: MQTT QoS 1 in → classifier task (same model + head) → "
+                      "SQLite outbox (synchronous=FULL) → MQTT QoS 1 out, one bench Mosquitto",
+         "measure": "N / (consumer's last result - publisher's first note); the peer figure is the in-process "
+                    "sentence-transformers one (no MQTT, no disk)", "target": "ratio >= 5 (ours / peer)"},
         {"name": "classify/peak_rss", "ours": ours_rss, "peer": peer_rss, "unit": "MB", **common,
          "ratio_rss_lower_is_better": round(peer_rss / ours_rss, 3) if ours_rss and peer_rss else None,
          "note": "lower is better: ratio_rss_lower_is_better = peer / ours (higher = ours smaller); the generic "

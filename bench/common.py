@@ -199,10 +199,12 @@ def make_results(n: int, seed: int = 2) -> list[tuple[str, str, bytes]]:
 SOURCE_RECEIVE_MAXIMUM = 65535
 
 
-def agent_config(path: Path, *, port: int, outbox: Path, level: str, sink_extra: str = "") -> Path:
-    """The bench agent: one broker for source and sink, one route with the built-in patterns task, the
-    pipeline/sink defaults except session_expiry = 0, so that no source session outlives its round and
-    soaks up the peer's notes, and receive_maximum = SOURCE_RECEIVE_MAXIMUM, as the relay's."""
+def agent_config(path: Path, *, port: int, outbox: Path, level: str, sink_extra: str = "",
+                 tasks: tuple[str, ...] = ("patterns",), tasks_toml: str = "") -> Path:
+    """The bench agent: one broker for source and sink, one route running `tasks` (default: the built-in
+    patterns task; others declared in `tasks_toml`), the pipeline/sink defaults except session_expiry = 0,
+    so that no source session outlives its round and soaks up the peer's notes, and receive_maximum =
+    SOURCE_RECEIVE_MAXIMUM, as the relay's."""
     path.write_text(f"""
 gateway_id = "gw-bench"
 [source]
@@ -221,13 +223,13 @@ path = "{outbox}"
 [log]
 level = "{level}"
 format = "json"
-
+{tasks_toml}
 [[routes]]
 topic = "{IN_FILTER}"
 text_field = "text"
 id_field = "id"
 output_topic = "{OUT_PREFIX}{{topic}}"
-tasks = ["patterns"]
+tasks = {json.dumps(list(tasks))}
 """)
     return path
 
@@ -425,6 +427,10 @@ def _publish_all(port: int, msgs: list[tuple[str, bytes]], inflight: int) -> dic
 
 def child_publisher(a: argparse.Namespace) -> None:
     msgs = make_notes(a.n, a.seed)
+    if a.texts:  # the same notes' topics and ids, with the texts of a JSON list (cycled)
+        texts = json.loads(Path(a.texts).read_text())
+        msgs = [(t, json.dumps({"id": json.loads(p)["id"], "text": texts[k % len(texts)]}).encode())
+                for k, (t, p) in enumerate(msgs)]
     _emit("published", **_publish_all(a.port, msgs, a.inflight))
 
 
@@ -505,6 +511,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--n", type=int, required=True)
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--inflight", type=int, default=PUBLISHER_INFLIGHT)
+    p.add_argument("--texts", type=Path, help="JSON list of note texts to send instead of generated ones")
     p.set_defaults(func=child_publisher)
     p = sub.add_parser("rows")
     p.add_argument("--port", type=int, required=True)
