@@ -19,7 +19,9 @@ Batching: each field is one generate_batch round for all notes. Only prompts of 
 
 Grounding: the model's values are often wrong (SmolLM2 copies the example, paraphrases, invents). A value
 is published only as a span of the note: searched case-insensitively with white space normalised, first at
-word boundaries, and reported as the original text `note[start:end]` with its offsets. A value that is not
+word boundaries; failing that, as a run of the note's words holding each of the value's words in any order
+and up to an inflection (SmolLM2 writes "replacing seal" for "replaced seal", "pump P-101" for "P-101
+pump"). It is reported as the original text `note[start:end]` with its offsets. A value that is not
 in the note is dropped (null) and its field listed in `ungrounded`; "", "none", "n/a" and the like are
 null without being ungrounded.
 
@@ -28,6 +30,7 @@ Result per note: `{"fields": {name: {"text", "start", "end"} | null}, "ungrounde
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -125,6 +128,51 @@ def ground(text: str, value: str) -> tuple[int, int] | None:
     return where[start], where[start + len(needle) - 1] + 1
 
 
+_WORD = re.compile(r"\w(?:[\w./-]*\w)?")
+_MIN_STEM = 4  # letters two forms of a word must share ("replac-ed", "replac-ing")
+_MAX_ENDING = 3  # letters after the shared stem, on each side
+
+
+def _same_word(a: str, b: str) -> bool:
+    """Two forms of one word: equal; one the other plus at most two letters (fan/fans); or sharing a stem of
+    at least _MIN_STEM letters followed by at most _MAX_ENDING letters on each side (replaced/replacing,
+    vibration/vibrating). Only words of letters: tags, codes and numbers must be equal."""
+    if a == b:
+        return True
+    stem = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+    if not (a.isalpha() and b.isalpha()):
+        return False  # tags, codes and numbers match exactly or not at all
+    plural = stem == min(len(a), len(b)) and abs(len(a) - len(b)) <= 2  # fan/fans, box/boxes
+    return plural or (stem >= _MIN_STEM and len(a) - stem <= _MAX_ENDING and len(b) - stem <= _MAX_ENDING)
+
+
+def ground_words(text: str, value: str) -> tuple[int, int] | None:
+    """The (start, end) of a run of the note's words, separated by white space only (a run does not cross
+    a comma or a full stop), that holds each of the value's words once up to an inflection ("replacing
+    seal" -> "replaced seal"): in the value's order if there is such a run, else in any order ("pump P-101"
+    -> "P-101 pump"). None if there is none. What is published is that run of the note, never the value."""
+    wanted = [w.lower() for w in _WORD.findall(value)]
+    words = list(_WORD.finditer(text))
+    n = len(wanted)
+    if not n:
+        return None
+    runs = [words[i : i + n] for i in range(len(words) - n + 1)]
+    runs = [r for r in runs if all(not text[a.end() : b.start()].strip() for a, b in itertools.pairwise(r))]
+    for run in runs:  # in order
+        if all(_same_word(want, have.group().lower()) for want, have in zip(wanted, run, strict=True)):
+            return run[0].start(), run[-1].end()
+    for run in runs:  # any order
+        left: list[str | None] = [w.group().lower() for w in run]
+        for want in wanted:
+            hit = next((i for i, have in enumerate(left) if have is not None and _same_word(want, have)), None)
+            if hit is None:
+                break
+            left[hit] = None
+        else:
+            return run[0].start(), run[-1].end()
+    return None
+
+
 def is_null(value: str) -> bool:
     return value.strip(_STRIP).lower() in NULL_VALUES
 
@@ -135,7 +183,7 @@ def grounded_result(text: str, values: dict[str, str]) -> dict[str, Any]:
     fields: dict[str, dict[str, Any] | None] = {}
     ungrounded: list[str] = []
     for name, value in values.items():
-        span = None if is_null(value) else ground(text, value)
+        span = None if is_null(value) else ground(text, value) or ground_words(text, value)
         if span is None and not is_null(value):
             ungrounded.append(name)
         fields[name] = None if span is None else {"text": text[span[0] : span[1]], "start": span[0], "end": span[1]}

@@ -18,6 +18,7 @@ from edge_agent.generator import (
     check_result,
     example_values,
     ground,
+    ground_words,
     grounded_result,
     result_schema,
 )
@@ -54,6 +55,25 @@ def test_ground_maps_offsets_through_characters_that_change_length_when_lowered(
     text = "İzmir line: valve V-12 stuck"  # "İ".lower() is two characters
     start, end = ground(text, "valve v-12")  # type: ignore[misc]
     assert text[start:end] == "valve V-12"
+
+
+def test_ground_words_finds_reordered_and_inflected_words_and_returns_the_notes_own_text() -> None:
+    text = "P-101 pump leaking at mechanical seal, replaced seal; cleaned cooling fan"
+    for value, expected in [("pump P-101", "P-101 pump"), ("replacing seal", "replaced seal"),
+                            ("Cleaning cooling fans", "cleaned cooling fan"), ("leak", "leaking")]:
+        start, end = ground_words(text, value)  # type: ignore[misc]
+        assert text[start:end] == expected
+
+
+@pytest.mark.parametrize("value", [
+    "pump P-102",  # another tag: codes and numbers must match exactly
+    "removed seal",  # a word the note does not have
+    "replaced mechanical seal",  # words that are in the note, but not in one run
+    "mechanical seal replaced",  # the words are there in this order, but a comma lies between them
+    "replacement seal",  # "replac" + "ement": an ending longer than 3 letters
+])
+def test_ground_words_rejects_what_the_note_does_not_say_in_one_run(value: str) -> None:
+    assert ground_words("P-101 pump leaking at mechanical seal, replaced seal", value) is None
 
 
 def test_grounded_result_drops_and_lists_values_not_in_the_note() -> None:
@@ -170,7 +190,8 @@ def test_values_not_in_the_note_are_dropped_and_listed(task: GeneratorTask, batc
         assert set(values) == set(FIELDS)
         for name, value in values.items():
             assert '"' not in value  # the forced skeleton: a value ends at its closing quote
-            if value.strip() and ground(text, value) is None and value.strip().lower() not in ("none", "n/a"):
+            if (value.strip() and ground(text, value) is None and ground_words(text, value) is None
+                    and value.strip().lower() not in ("none", "n/a")):
                 assert res["fields"][name] is None and name in res["ungrounded"]
                 dropped += 1
     # SmolLM2 copies the worked example's asset ("pump P-204") or invents one for the TK-300 note.
