@@ -108,9 +108,10 @@ def _normalise(text: str) -> tuple[str, list[int]]:
     return "".join(out), where
 
 
-def ground(text: str, value: str) -> tuple[int, int] | None:
+def ground(text: str, value: str, *, whole_words_only: bool = False) -> tuple[int, int] | None:
     """The (start, end) of `value` in `text`, or None: case-insensitive, white space normalised, outer
-    white space and trailing punctuation of the value ignored; a match at word boundaries is preferred."""
+    white space and trailing punctuation of the value ignored; a match at word boundaries is preferred,
+    and required with `whole_words_only`."""
     needle, _ = _normalise(value.strip(_STRIP))
     if not needle:
         return None
@@ -124,19 +125,21 @@ def ground(text: str, value: str) -> tuple[int, int] | None:
         return (pos == 0 or not (hay[pos - 1].isalnum() and needle[0].isalnum())) and (
             end == len(hay) or not (hay[end].isalnum() and needle[-1].isalnum()))
 
-    start = next((pos for pos in found if whole_words(pos)), found[0])
+    start = next((pos for pos in found if whole_words(pos)), None if whole_words_only else found[0])
+    if start is None:
+        return None
     return where[start], where[start + len(needle) - 1] + 1
 
 
 _WORD = re.compile(r"\w(?:[\w./-]*\w)?")
 _MIN_STEM = 4  # letters two forms of a word must share ("replac-ed", "replac-ing")
-_MAX_ENDING = 3  # letters after the shared stem, on each side
+_MAX_ENDING = 4  # letters after the shared stem, on each side ("slip-ping")
 
 
 def _same_word(a: str, b: str) -> bool:
     """Two forms of one word: equal; one the other plus at most two letters (fan/fans); or sharing a stem of
     at least _MIN_STEM letters followed by at most _MAX_ENDING letters on each side (replaced/replacing,
-    vibration/vibrating). Only words of letters: tags, codes and numbers must be equal."""
+    slip/slipping, vibration/vibrating). Only words of letters: tags, codes and numbers must be equal."""
     if a == b:
         return True
     stem = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
@@ -183,7 +186,9 @@ def grounded_result(text: str, values: dict[str, str]) -> dict[str, Any]:
     fields: dict[str, dict[str, Any] | None] = {}
     ungrounded: list[str] = []
     for name, value in values.items():
-        span = None if is_null(value) else ground(text, value) or ground_words(text, value)
+        # Whole words first, then the same words inflected ("slip" -> "slipping"), then any substring.
+        span = None if is_null(value) else (ground(text, value, whole_words_only=True)
+                                             or ground_words(text, value) or ground(text, value))
         if span is None and not is_null(value):
             ungrounded.append(name)
         fields[name] = None if span is None else {"text": text[span[0] : span[1]], "start": span[0], "end": span[1]}

@@ -70,10 +70,19 @@ def test_ground_words_finds_reordered_and_inflected_words_and_returns_the_notes_
     "removed seal",  # a word the note does not have
     "replaced mechanical seal",  # words that are in the note, but not in one run
     "mechanical seal replaced",  # the words are there in this order, but a comma lies between them
-    "replacement seal",  # "replac" + "ement": an ending longer than 3 letters
+    "repaired seal",  # "rep" is too short a stem for "repaired" to be "replaced"
+    "sealing compound",  # "sealing" is "seal" + 3 letters, but "compound" is not in the note
 ])
 def test_ground_words_rejects_what_the_note_does_not_say_in_one_run(value: str) -> None:
     assert ground_words("P-101 pump leaking at mechanical seal, replaced seal", value) is None
+
+
+def test_grounded_result_prefers_whole_words_then_inflections_then_substrings() -> None:
+    text = "belt slipping near resealed joint"
+    res = grounded_result(text, {"symptom": "slip", "action": "seal"})
+    assert res["fields"]["symptom"] == {"text": "slipping", "start": 5, "end": 13}  # not "slip" inside it
+    assert res["fields"]["action"] == {"text": "seal", "start": 21, "end": 25}  # only a substring has it
+    assert ground(text, "seal", whole_words_only=True) is None
 
 
 def test_grounded_result_drops_and_lists_values_not_in_the_note() -> None:
