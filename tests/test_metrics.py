@@ -64,6 +64,7 @@ def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent,
     try:
         assert wait_for(lambda: _serving(port), timeout=60), (tmp_path / "agent.log").read_text()
         assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="source") == 1.0, timeout=30)
+        assert wait_for(lambda: "gw-test-source" in broker.log() and "plant/+/notes" in broker.log(), timeout=30)
         pub = publisher(broker.port)
         for i in range(20):
             pub.note("plant/line1/notes", i)
