@@ -134,10 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     _add_models(sub)
-    from . import classifier, tagger
+    from . import classifier, outbox_cli, tagger
 
     classifier.add_parser(sub)
     tagger.add_parser(sub)
+    outbox_cli.add_parser(sub)
     return ap
 
 

@@ -235,6 +235,14 @@ class LogConfig(_Frozen):
     format: Literal["auto", "json", "console"] = "auto"
 
 
+class MetricsConfig(_Frozen):
+    # Opt-in, and on loopback when on: a new listening port must never appear on a plant network just
+    # because the daemon was upgraded. Scrape it from the gateway (node exporter style) or set host.
+    enabled: bool = Field(False, description="serve Prometheus metrics over HTTP")
+    host: str = Field("127.0.0.1", min_length=1, description="address to listen on; loopback by default")
+    port: int = Field(9464, ge=1, le=65535)
+
+
 class Config(_Frozen):
     gateway_id: str = Field("gateway", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     dead_letter_topic: str = Field("edge/deadletter", min_length=1)
@@ -243,6 +251,7 @@ class Config(_Frozen):
     outbox: OutboxConfig = OutboxConfig()
     pipeline: PipelineConfig = PipelineConfig()
     log: LogConfig = LogConfig()
+    metrics: MetricsConfig = MetricsConfig()
     tasks: dict[str, TaskConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
 

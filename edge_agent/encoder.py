@@ -18,6 +18,7 @@ import tokenizers
 
 from . import models
 from .errors import ModelError
+from .processors import heartbeat
 
 
 class TokenStates(NamedTuple):
@@ -61,6 +62,7 @@ class Encoder:
             dense[row, : len(x)] = x
         out = self._model.forward_batch(ctranslate2.StorageView.from_array(dense),
                                         ctranslate2.StorageView.from_array(lengths))
+        heartbeat()  # one sub-batch done: the watchdog tells slow from stuck by these
         return np.asarray(out.last_hidden_state)
 
     def _encode(self, texts: Sequence[str]) -> list[tokenizers.Encoding]:

@@ -45,7 +45,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 from . import models
 from .config import GeneratorTaskConfig
 from .errors import ModelError
-from .processors import Note
+from .processors import Note, heartbeat
 
 SYSTEM = (
     'Extract fields from the maintenance note. Copy each value exactly from the note. If the note does not say, '
@@ -383,6 +383,7 @@ class GeneratorTask:
         for g, futures in zip(groups, pending, strict=True):
             for i, future in zip(g, futures, strict=True):
                 out[i] = future.result().sequences_ids[0]
+            heartbeat()  # one length group done: slow, not stuck (the watchdog listens)
         return out
 
     def generate(self, texts: Sequence[str]) -> list[dict[str, str]]:

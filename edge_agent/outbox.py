@@ -12,6 +12,8 @@ single connection keeps ``last_insert_rowid()`` and transactions unambiguous.
 
 from __future__ import annotations
 
+import fcntl
+import os
 import sqlite3
 import threading
 import time
@@ -50,6 +52,11 @@ _MAX_SEQ = 2**63 - 1
 _SIBLINGS = ("", "-wal", "-shm")
 _CHUNK = 500  # host parameters per IN (...) list; old SQLite builds cap them at 999
 
+# Gateways without a battery-backed clock boot near 1970 and stamp rows with that until NTP syncs. No
+# row written by this release can truly be older than this (2025-01-01 UTC; systemd keeps a similar
+# floor, TIME_EPOCH): a created_at below it, or a clock reading below it, is an unset clock, not an age.
+PLAUSIBLE_AFTER = 1_735_689_600.0
+
 # Opening is retried only while another process holds the file locked (a backup, an operator's sqlite3
 # shell). Module-level so tests can shorten them.
 OPEN_ATTEMPTS = 4
@@ -75,6 +82,8 @@ class OutboxStats:
     dropped: int
     corrupt_files: int
     path: Path
+    dropped_max_bytes: int = 0  # the split of `dropped` by the bound that dropped them
+    dropped_max_age: int = 0
 
 
 class _CorruptFile(Exception):
@@ -91,12 +100,15 @@ class Outbox:
         # Kept in memory so that the bound check in put_many costs nothing; recomputed at open().
         self._count = self._bytes = self._max_seq = 0
         self._added = self._accepted = self._dropped = self._corrupt_files = 0
+        self._dropped_bytes = self._dropped_age = 0
+        self._clock_unset_logged = False
 
     def open(self) -> Outbox:
         with self._lock:
             if self._conn is not None:
                 return self
             self._added = self._accepted = self._dropped = self._corrupt_files = 0
+            self._dropped_bytes = self._dropped_age = 0
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -150,17 +162,34 @@ class Outbox:
             self._bytes += added_bytes - freed
             self._added += len(params)
             self._dropped += dropped
+            self._dropped_bytes += dropped
             self._max_seq = last
         if dropped:
             log.warning("outbox.dropped", count=dropped, reason="max_bytes", max_bytes=self._cfg.max_bytes)
         return last
 
     def expire(self) -> int:
-        """Drop rows older than max_age_s (by created_at against the clock); return how many."""
-        cutoff = self._clock() - self._cfg.max_age_s
+        """Drop rows older than max_age_s (by created_at against the clock); return how many.
+
+        A clock jump must never drop a row early. While the clock reads before PLAUSIBLE_AFTER it is
+        unset (no RTC, no NTP yet): nothing expires. Once it is plausible, rows stamped by the unset
+        clock get "now" as their created_at, so their age counts from the first trustworthy reading
+        (never early; at worst max_age_s late). Rows stamped after a backward jump sit in the future
+        and are younger than any cutoff, so they stay.
+        """
+        now = self._clock()
+        if now < PLAUSIBLE_AFTER:
+            if not self._clock_unset_logged:
+                self._clock_unset_logged = True
+                log.warning("outbox.clock_unset", now=now, hint="no rows expire by age until the clock is set")
+            return 0
+        cutoff = now - self._cfg.max_age_s
         with self._lock:
             conn = self._require_open()
             with self._transaction(conn, "expire"):
+                restamped = conn.execute(
+                    "UPDATE outbox SET created_at = ? WHERE created_at < ?", (now, PLAUSIBLE_AFTER)
+                ).rowcount
                 n, freed = conn.execute(
                     "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE created_at < ?", (cutoff,)
                 ).fetchone()
@@ -168,6 +197,9 @@ class Outbox:
             self._count -= n
             self._bytes -= freed
             self._dropped += n
+            self._dropped_age += n
+        if restamped:
+            log.warning("outbox.clock_restamped", count=restamped, reason="stamped before the clock was set")
         if n:
             log.warning("outbox.dropped", count=n, reason="max_age", max_age_s=self._cfg.max_age_s)
         return n
@@ -224,7 +256,7 @@ class Outbox:
         with self._lock:
             oldest = self._require_open().execute("SELECT MIN(created_at) FROM outbox").fetchone()[0]
             return OutboxStats(self._count, self._bytes, oldest, self._added, self._accepted,
-                               self._dropped, self._corrupt_files, self._path)
+                               self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age)
 
     # -- internals (callers hold self._lock) -------------------------------------------------------
 
@@ -353,3 +385,63 @@ class Outbox:
                     raise OutboxError(msg) from e
         self._corrupt_files += 1
         log.error("outbox.corrupt", path=str(self._path), moved_to=str(base), reason=reason)
+
+
+class OutboxLock:
+    """An exclusive lock on `<outbox>.lock`, held by the running daemon for its whole life.
+
+    It keeps a second daemon off the same outbox and lets `edge-agent outbox purge` refuse while the
+    daemon runs. flock, not SQLite's own locking: SQLite locks only for the length of a transaction.
+    The kernel drops the lock when the holder dies, so a SIGKILLed daemon leaves no stale lock behind.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(f"{db_path}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> OutboxLock:
+        """Take the lock or raise OutboxError naming the holder's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutboxError(f"outbox {str(self.path).removesuffix('.lock')} is in use by a running edge-agent "
+                              f"(pid {holder}); stop the daemon first") from None
+        if created and os.geteuid() == 0:  # an operator's `outbox purge` as root: leave it usable by the daemon
+            owner = self.path.parent.stat()
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def holder(db_path: Path) -> str | None:
+        """The pid (as written) of the process holding the lock, or None when nobody does. Only probes:
+        never creates the file, so an operator's read-only command leaves no root-owned file behind."""
+        try:
+            fd = os.open(f"{db_path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # drops our probe lock, if we got it
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (removing it would race a new holder)
+            self._fd = None
+
+    def __enter__(self) -> OutboxLock:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()

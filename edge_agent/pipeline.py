@@ -3,6 +3,10 @@
 One worker thread takes up to `batch_max` messages (waiting at most `batch_wait_ms` to fill a batch),
 runs each route's tasks over the whole batch at once (model tasks batch across messages), commits all
 results and dead-letter records in one outbox transaction, and only then acks the inbound messages.
+
+`last_progress` and `busy` are what the systemd watchdog judges (agent.py): the worker beats when it
+takes a batch, when it commits one, between tasks, and whenever a task calls `processors.heartbeat()`
+between its own sub-batches, so a slow model batch keeps the watchdog fed and a wedged one starves it.
 """
 
 from __future__ import annotations
@@ -10,8 +14,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import structlog
 from paho.mqtt.client import topic_matches_sub
@@ -20,9 +25,12 @@ from .config import Config, RouteConfig
 from .decode import decode
 from .errors import DecodeError
 from .outbox import Outbox
-from .processors import Note, Task
+from .processors import Note, Task, progress
 from .results import deadletter_payload, output_topic, result_id, result_payload
 from .source import Inbound
+
+if TYPE_CHECKING:
+    from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
 
@@ -41,7 +49,8 @@ class _Pending:
 
 
 class Pipeline:
-    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack, on_commit) -> None:
+    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack, on_commit,
+                 metrics: Metrics | None = None) -> None:
         self._cfg = cfg
         self._limits = cfg.pipeline
         self._tasks = tasks
@@ -53,6 +62,11 @@ class Pipeline:
         self._stopping = threading.Event()
         self.processed = 0
         self.dead_lettered = 0
+        self._metrics = metrics
+        self.last_progress = time.monotonic()
+        self.busy = False  # between taking a batch and committing it
+
+    def heartbeat(self) -> None:
         self.last_progress = time.monotonic()
 
     def _routes_for(self, topic: str) -> list[RouteConfig]:
@@ -82,11 +96,14 @@ class Pipeline:
         rows: list[tuple[str, str, bytes]] = []
         lines: list[dict] = []
         by_route: dict[int, list[_Pending]] = defaultdict(list)
+        routes_in: Counter[str] = Counter()
+        reasons: list[str] = []
         for item in batch:
             routes = self._routes_for(item.topic)
             if not routes:  # a leftover subscription from an older config
                 routes = [None]
             for route in routes:
+                routes_in[route.topic if route is not None else ""] += 1
                 try:
                     if route is None:
                         raise DecodeError(f"no route matches topic {item.topic!r}")
@@ -124,6 +141,7 @@ class Pipeline:
                         }
                     )
                     self.dead_lettered += 1
+                    reasons.append(e.reason)
                     continue
                 out = output_topic(route.output_topic, item.topic, gw)
                 rid = result_id(gw, item.topic, out, input_id, item.payload)
@@ -136,6 +154,7 @@ class Pipeline:
             outputs: dict[str, list[dict]] = {}
             for name in route.tasks:
                 outputs[name] = self._run_task(name, notes)
+                self.heartbeat()
             now = time.time()
             for i, p in enumerate(pendings):
                 results = {name: outputs[name][i] for name in route.tasks}
@@ -173,16 +192,23 @@ class Pipeline:
             self._ack(item)
         self._on_commit()
         self.processed += len(batch)
-        self.last_progress = time.monotonic()
+        self.heartbeat()
         now = time.time()
+        latencies = []
         for line in lines:
-            t0 = line.pop("t0")
-            log.info("message", latency_ms=round((now - t0) * 1000, 2), **line)
+            latency = now - line.pop("t0")
+            latencies.append(latency)
+            log.info("message", latency_ms=round(latency * 1000, 2), **line)
+        if self._metrics is not None:
+            self._metrics.batch_done(routes_in, reasons, latencies)
 
     def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
         """A task that fails on a batch yields an error entry per note rather than losing the batch."""
         try:
+            t0 = time.perf_counter()
             out = self._tasks[name].process(notes)
+            if self._metrics is not None:
+                self._metrics.task_done(name, time.perf_counter() - t0, len(notes))
             if len(out) != len(notes):
                 raise RuntimeError(f"task returned {len(out)} results for {len(notes)} notes")
             return out
@@ -191,19 +217,29 @@ class Pipeline:
             return [{"error": f"{type(e).__name__}: {e}"} for _ in notes]
 
     def _run(self) -> None:
-        while (batch := self._take()) is not None:
-            delay = 0.5
-            while True:
+        with progress(self.heartbeat):  # tasks' heartbeat() calls on this thread land here
+            while (batch := self._take()) is not None:
+                self.heartbeat()
+                self.busy = True
                 try:
-                    self.process(batch)
-                    break
-                except Exception:
-                    # Nothing was acked. Retrying the same batch is back-pressure (the broker stops sending
-                    # at Receive Maximum); on stop the broker redelivers it to our next session.
-                    log.exception("pipeline.batch_failed", size=len(batch), retry_in_s=delay)
-                    if self._stopping.wait(delay):
-                        return
-                    delay = min(delay * 2, 30.0)
+                    self._process_until_committed(batch)
+                finally:
+                    self.busy = False
+
+    def _process_until_committed(self, batch: list[Inbound]) -> None:
+        delay = 0.5
+        while True:
+            try:
+                self.process(batch)
+                return
+            except Exception:
+                # Nothing was acked. Retrying the same batch is back-pressure (the broker stops sending
+                # at Receive Maximum); on stop the broker redelivers it to our next session. No beat
+                # here: a batch that never commits starves the watchdog, and systemd restarts us.
+                log.exception("pipeline.batch_failed", size=len(batch), retry_in_s=delay)
+                if self._stopping.wait(delay):
+                    return
+                delay = min(delay * 2, 30.0)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edge-agent-pipeline", daemon=True)

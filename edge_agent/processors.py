@@ -1,13 +1,17 @@
 """The processor interface and the registry that builds tasks from config.
 
 A task takes a batch of notes and returns one JSON-serialisable dict per note, in order. Batching is
-part of the contract from the start so that model tasks can run many messages per call.
+part of the contract from the start so that model tasks can run many messages per call. A task that can
+run long (a model over a 256-note batch can take a minute on 2 cores) calls `heartbeat()` between its
+sub-batches, so the systemd watchdog can tell slow from stuck.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -41,6 +45,26 @@ class Task(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+_beat: ContextVar[Callable[[], None] | None] = ContextVar("edge_agent_heartbeat", default=None)
+
+
+def heartbeat() -> None:
+    """Report progress from inside a task's process(); a no-op outside the pipeline (CLI, benchmarks)."""
+    beat = _beat.get()
+    if beat is not None:
+        beat()
+
+
+@contextmanager
+def progress(beat: Callable[[], None]) -> Iterator[None]:
+    """Route heartbeat() calls made in this thread (and context) to `beat` while the block runs."""
+    token = _beat.set(beat)
+    try:
+        yield
+    finally:
+        _beat.reset(token)
 
 
 class Models:

@@ -40,8 +40,10 @@ class Source:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
         self._accepting = threading.Event()
         self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker granted every filter once: intake works (READY)
         self.received = 0
         self.backpressure = 0  # half-second waits on a full queue
         self.reconnects = 0
@@ -57,6 +59,13 @@ class Source:
             return
         self.connected.set()
         log.info("source.connected", host=self._cfg.host, port=self._cfg.port, filters=self._filters)
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list, _p: object = None) -> None:
+        refused = [str(c) for c in codes if is_failure(c)]
+        if refused:  # an ACL, most likely: never READY, so systemd reports the failed start
+            log.error("source.subscribe_refused", reasons=refused, filters=self._filters)
+            return
+        self.subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
         if self.connected.is_set() and is_failure(rc):

@@ -211,3 +211,16 @@ def test_cli_train_rejects_bad_examples(tmp_path, capsys):
                                  "--out", str(tmp_path / "h.npz")])
     assert args.func(args) == 2
     assert "bad.jsonl:2" in capsys.readouterr().err
+
+
+def test_encoder_reports_progress_per_sub_batch(encoder) -> None:
+    """Each forward pass of a sub-batch is a heartbeat for the watchdog (processors.heartbeat)."""
+    from edge_agent.processors import progress
+
+    beats: list[int] = []
+    texts = [f"pump P-{i} vibration {'high ' * (i % 7)}" for i in range(70)]
+    with progress(lambda: beats.append(1)):
+        encoder.embed(texts, batch_size=32)
+    assert len(beats) == 3  # ceil(70 / 32) sub-batches
+    encoder.embed(texts[:5])  # outside the pipeline: a no-op, nothing raised
+    assert len(beats) == 3

@@ -243,3 +243,15 @@ def test_wrong_kind_and_closed_task_are_model_errors(task: GeneratorTask) -> Non
     t.close()
     with pytest.raises(ModelError, match="closed"):
         t.generate(["pump leaking"])
+
+
+@needs_model
+def test_generation_reports_progress_for_the_watchdog(task: GeneratorTask) -> None:
+    """A 256-note batch can take a minute on 2 cores: the task beats after every length group of every
+    field, so the pipeline's watchdog sees a slow batch progressing (tests/test_notify.py)."""
+    from edge_agent.processors import progress
+
+    beats: list[float] = []
+    with progress(lambda: beats.append(0.0)):
+        task.process([Note(text=t, topic="plant/l1/notes") for t in NOTES[:2]])
+    assert len(beats) >= len(FIELDS)  # at least one group per field

@@ -27,8 +27,11 @@ MIN_BYTES = 64 * 1024  # the smallest max_bytes the config model allows
 CORRUPT_NAME = re.compile(r"^outbox\.db\.corrupt-\d{8}T\d{6}Z$")
 
 
+T0 = 1_760_000_000.0  # 2025-10: a set clock (expire() ignores readings before 2025, an unset RTC)
+
+
 class FakeClock:
-    def __init__(self, t: float = 1_000_000.0) -> None:
+    def __init__(self, t: float = T0) -> None:
         self.t = t
 
     def __call__(self) -> float:
@@ -147,19 +150,19 @@ def test_max_bytes_drops_oldest_first(tmp_path: Path) -> None:
 
 
 def test_max_age_expiry(tmp_path: Path) -> None:
-    clock = FakeClock(1000.0)
+    clock = FakeClock(T0 + 1000.0)
     with make(tmp_path, clock, max_age_s=60) as ob, capture_logs() as logs:
         ob.put_many([row(1), row(2)])
-        clock.t = 1030.0
+        clock.t = T0 + 1030.0
         ob.put_many([row(3)])
-        clock.t = 1060.0
+        clock.t = T0 + 1060.0
         assert ob.expire() == 0  # exactly max_age old is not older than max_age
-        clock.t = 1061.0
+        clock.t = T0 + 1061.0
         assert ob.expire() == 2
         assert [r.seq for r in ob.batch(10)] == [3]
         s = ob.stats()
-        assert (s.count, s.dropped, s.oldest_created_at) == (1, 2, 1030.0)
-        clock.t = 2000.0
+        assert (s.count, s.dropped, s.oldest_created_at) == (1, 2, T0 + 1030.0)
+        clock.t = T0 + 2000.0
         assert ob.expire() == 1
         assert ob.stats().oldest_created_at is None
         drops = [(e["count"], e["reason"]) for e in logs if e["event"] == "outbox.dropped"]
@@ -490,3 +493,45 @@ class OutboxMachine(RuleBasedStateMachine):
 
 OutboxMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
 test_outbox_matches_model = OutboxMachine.TestCase
+
+
+def test_unset_clock_never_expires_rows_early(tmp_path: Path) -> None:
+    """A gateway without an RTC boots near 1970, stamps rows, then NTP jumps the clock to today: the
+    rows are minutes old, not 55 years, and must survive until max_age after the clock was set."""
+    clock = FakeClock(600.0)  # 1970-01-01 00:10, ten minutes after an RTC-less boot
+    with make(tmp_path, clock, max_age_s=3600) as ob, capture_logs() as logs:
+        ob.put_many([row(1), row(2)])
+        clock.t = 4000.0  # still unset, and "older than max_age" by the raw numbers: kept
+        assert ob.expire() == 0
+        clock.t = T0  # NTP synced
+        ob.put_many([row(3)])
+        assert ob.expire() == 0
+        assert [r.created_at for r in ob.batch(10)] == [T0, T0, T0]  # aged from the first set reading
+        clock.t = T0 + 3600.0
+        assert ob.expire() == 0
+        clock.t = T0 + 3601.0  # max_age after the sync: now they go, all three
+        assert ob.expire() == 3
+        s = ob.stats()
+        assert (s.count, s.dropped, s.dropped_max_age, s.dropped_max_bytes) == (0, 3, 3, 0)
+        events = [e["event"] for e in logs]
+        assert events.count("outbox.clock_unset") == 1 and events.count("outbox.clock_restamped") == 1
+
+
+def test_backward_clock_jump_keeps_future_rows(tmp_path: Path) -> None:
+    clock = FakeClock(T0 + 10_000.0)
+    with make(tmp_path, clock, max_age_s=60) as ob:
+        ob.put_many([row(1)])
+        clock.t = T0  # stepped back by NTP: the row now sits in the future
+        assert ob.expire() == 0
+        clock.t = T0 + 10_061.0
+        assert ob.expire() == 1  # and still expires once it really is max_age old
+
+
+def test_outbox_lock_is_exclusive_and_released(tmp_path: Path) -> None:
+    from edge_agent.errors import OutboxError
+    from edge_agent.outbox import OutboxLock
+
+    db = tmp_path / "outbox.db"
+    with OutboxLock(db), pytest.raises(OutboxError, match=r"in use by a running edge-agent \(pid \d+\)"):
+        OutboxLock(db).acquire()
+    OutboxLock(db).acquire().release()  # free again once released

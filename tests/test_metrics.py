@@ -1,0 +1,158 @@
+"""Prometheus metrics: the real daemon (a subprocess) with real brokers, scraped over loopback HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from edge_agent import config
+from edge_agent.metrics import reason_class
+
+from .conftest import REPO, Broker, free_port, wait_for, write_config
+
+MODEL = REPO / "models" / "minilm-l6"
+
+CLASSIFIER = f"""
+[tasks.category]
+kind = "classifier"
+model = "{MODEL}"
+intra_threads = 1
+[tasks.category.labels]
+leak = "a fluid or gas is leaking"
+noise = "a machine makes unusual noise or vibrates"
+"""
+
+ROUTES = """
+[[routes]]
+topic = "plant/+/notes"
+id_field = "id"
+tasks = ["patterns", "category"]
+"""
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """{(sample name, sorted labels): value} from one GET /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def value(samples: dict, name: str, **labels: str) -> float | None:
+    return samples.get((name, tuple(sorted(labels.items()))))
+
+
+@pytest.mark.skipif(not (MODEL / "manifest.json").is_file(), reason=f"no int8 encoder at {MODEL}")
+def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent, publisher) -> None:
+    """20 notes and 2 malformed payloads with the uplink down: 22 in, 2 dead-lettered, 22 rows waiting.
+    The uplink comes up: every row is acked and the outbox depth reaches 0. It goes down: a reconnect."""
+    uplink = Broker(tmp_path / "uplink")  # not started yet
+    port = free_port()
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
+                       extra=f"[metrics]\nenabled = true\nport = {port}\n{CLASSIFIER}", routes=ROUTES)
+    agent = spawn_agent(cfg, tmp_path / "agent.log")
+    try:
+        assert wait_for(lambda: _serving(port), timeout=60), (tmp_path / "agent.log").read_text()
+        assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="source") == 1.0, timeout=30)
+        assert wait_for(lambda: "gw-test-source" in broker.log() and "plant/+/notes" in broker.log(), timeout=30)
+        pub = publisher(broker.port)
+        for i in range(20):
+            pub.note("plant/line1/notes", i)
+        pub.publish("plant/line1/notes", b'{"text": "unterminated')
+        pub.publish("plant/line1/notes", b"\xff\xfe not utf-8")
+
+        route = "plant/+/notes"
+        assert wait_for(lambda: value(scrape(port), "edge_agent_messages_in_total", route=route) == 22.0, timeout=60)
+        s = scrape(port)
+        assert value(s, "edge_agent_dead_lettered_total", reason="invalid_json") == 1.0
+        assert value(s, "edge_agent_dead_lettered_total", reason="invalid_utf8") == 1.0
+        assert value(s, "edge_agent_outbox_rows") == 22.0  # 20 results + 2 dead letters, uplink down
+        assert value(s, "edge_agent_outbox_bytes") > 0
+        assert value(s, "edge_agent_outbox_oldest_age_seconds") > 0
+        assert value(s, "edge_agent_outbox_file_bytes") > 0
+        assert value(s, "edge_agent_connected", connection="sink") == 0.0
+        assert value(s, "edge_agent_results_acked_total") == 0.0
+        assert value(s, "edge_agent_message_latency_seconds_count") == 22.0  # one per message, dead letters too
+        batches = value(s, "edge_agent_task_batch_seconds_count", task="category")
+        assert batches is not None and batches >= 1
+        assert value(s, "edge_agent_task_note_seconds_count", task="patterns") >= 1
+        manifest = json.loads((MODEL / "manifest.json").read_text())
+        model = {k: v for (name, labels), _ in s.items() if name == "edge_agent_model_info" for k, v in labels}
+        assert model == {"task": "category", "name": "minilm-l6", "kind": "encoder", "quantization": "int8",
+                         "sha256": manifest["files"]["model.bin"]}
+        assert any(name == "edge_agent_build_info" for name, _ in s)
+
+        uplink.start()
+        assert wait_for(lambda: value(scrape(port), "edge_agent_outbox_rows") == 0.0, timeout=60)
+        s = scrape(port)
+        assert value(s, "edge_agent_results_acked_total") == 22.0
+        assert value(s, "edge_agent_results_published_total") >= 22.0
+        assert value(s, "edge_agent_outbox_oldest_age_seconds") == 0.0
+        assert value(s, "edge_agent_connected", connection="sink") == 1.0
+        assert value(s, "edge_agent_reconnects_total", connection="sink") == 0.0
+        assert value(s, "edge_agent_outbox_dropped_total", reason="max_bytes") == 0.0
+
+        uplink.stop()
+        assert wait_for(lambda: value(scrape(port), "edge_agent_reconnects_total", connection="sink") == 1.0,
+                        timeout=30)
+        assert value(scrape(port), "edge_agent_connected", connection="sink") == 0.0
+    finally:
+        uplink.stop()
+    assert agent.kill(15) == 0
+
+
+def _serving(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def test_metrics_are_opt_in_and_loopback_by_default() -> None:
+    cfg = config.parse({"routes": [{"topic": "a/b"}]}, environ={})
+    assert (cfg.metrics.enabled, cfg.metrics.host, cfg.metrics.port) == (False, "127.0.0.1", 9464)
+
+
+def test_metrics_port_in_use_is_a_config_error(tmp_path: Path, broker) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port,
+                           outbox=tmp_path / "o.db", extra=f"[metrics]\nenabled = true\nport = {port}\n")
+        done = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert "metrics.port" in done.stderr and f"127.0.0.1:{port}" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("reason", "cls"),
+    [
+        ("payload too large: 300000 bytes, limit 262144", "too_large"),
+        ("invalid UTF-8 at byte 0", "invalid_utf8"),
+        ("invalid JSON: Expecting value at line 1 column 9", "invalid_json"),
+        ("invalid JSON: NaN is not allowed", "invalid_json"),
+        ("JSON nested deeper than 32 levels", "too_deep"),
+        ("JSON payload is a list, expected an object", "not_an_object"),
+        ("missing field 'text'", "missing_field"),
+        ("field 'text' is a number, expected a string", "wrong_type"),
+        ("field 'text' is empty", "empty"),
+        ("empty text", "empty"),
+        ("no route matches topic 'x/y'", "no_route"),
+        ("something new", "other"),
+    ],
+)
+def test_dead_letter_reason_classes_are_bounded(reason: str, cls: str) -> None:
+    assert reason_class(reason) == cls
