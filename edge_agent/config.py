@@ -83,6 +83,29 @@ class SourceConfig(BrokerConfig):
     receive_maximum: int = Field(
         256, ge=1, le=65535, description="unacked inbound messages the broker may send us (MQTT 5)"
     )
+    share_group: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="subscribe $share/<group>/<filter>: agents in one group split the stream (README: Scaling)",
+    )
+
+    @model_validator(mode="after")
+    def _member_id(self) -> SourceConfig:
+        # Each member's persistent session holds its share while it is down (Mosquitto redelivers it only
+        # to that session): a stable, distinct client id is what brings those messages back after a restart.
+        if self.share_group is not None and self.client_id is None:
+            raise ConfigError(
+                "source.client_id",
+                "share_group is set but client_id is not",
+                "give each member of the group its own stable client_id (e.g. EDGE_AGENT__SOURCE__CLIENT_ID=edge-a):"
+                " a restarted member gets the messages the broker held for it only by resuming its session",
+            )
+        return self
+
+    def subscription(self, topic_filter: str) -> str:
+        """The filter as subscribed: shared when a group is set. Routing keeps the plain filter."""
+        return f"$share/{self.share_group}/{topic_filter}" if self.share_group else topic_filter
 
 
 class SinkConfig(BrokerConfig):

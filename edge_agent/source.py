@@ -52,11 +52,17 @@ class Source:
             log.error("source.connect_refused", reason=str(rc), host=self._cfg.host, port=self._cfg.port)
             return
         # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
-        client.subscribe([(f, 1) for f in self._filters])
+        client.subscribe([(self._cfg.subscription(f), 1) for f in self._filters])
         if self.connected.is_set():
             return
         self.connected.set()
-        log.info("source.connected", host=self._cfg.host, port=self._cfg.port, filters=self._filters)
+        log.info(
+            "source.connected",
+            host=self._cfg.host,
+            port=self._cfg.port,
+            filters=self._filters,
+            share_group=self._cfg.share_group,
+        )
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
         if self.connected.is_set() and is_failure(rc):
