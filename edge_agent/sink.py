@@ -146,7 +146,8 @@ class Sink:
             if is_failure(rc):
                 self._failed.append((time.monotonic() + RETRY_DELAY_S, item))
                 self.failures += 1
-                log.error("sink.publish_rejected", reason=str(rc), topic=item.record.topic, id=item.record.id)
+                topic = split_retain(item.record.topic)[0]
+                log.error("sink.publish_rejected", reason=str(rc), topic=topic, id=item.record.id)
             else:
                 acked.append(item.record.seq)
         return acked

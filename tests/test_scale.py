@@ -57,20 +57,28 @@ def test_share_group_name_is_one_topic_level(group: str) -> None:
 class Member:
     """A shared-subscription member that never acks (manual ack): its messages stay in flight."""
 
-    def __init__(self, port: int, client_id: str, *, expiry: int, ack: bool) -> None:
+    def __init__(self, port: int, client_id: str, *, protocol: str, expiry: int, ack: bool) -> None:
         self.got: list[str] = []
         self.subscribed = threading.Event()
         self._ack = ack
+        v5 = protocol == "5"
         self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5, manual_ack=True
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+            clean_session=None if v5 else False,
+            manual_ack=True,
         )
         self.client.on_connect = lambda c, *_: c.subscribe("$share/g/t/#", qos=1)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = expiry
-        props.ReceiveMaximum = 10
-        self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=props)
+        if v5:
+            props = Properties(PacketTypes.CONNECT)
+            props.SessionExpiryInterval = expiry
+            props.ReceiveMaximum = 10
+            self.client.connect("127.0.0.1", port, 30, clean_start=False, properties=props)
+        else:
+            self.client.connect("127.0.0.1", port, 30)
         self.client.loop_start()
         assert self.subscribed.wait(10)
 
@@ -91,13 +99,16 @@ class Member:
         self.client.loop_stop()
 
 
-@pytest.mark.parametrize("expiry", [3600, 0])
-def test_mosquitto_keeps_a_dead_members_share_in_its_session(broker: Broker, publisher, expiry: int) -> None:
+@pytest.mark.parametrize(("protocol", "expiry"), [("5", 3600), ("5", 0), ("3.1.1", 1)])
+def test_mosquitto_keeps_a_dead_members_share_in_its_session(
+    broker: Broker, publisher, protocol: str, expiry: int
+) -> None:
     """Mosquitto 2.0.11 never hands a dead member's messages to the other members. With a persistent
-    session it holds them (the unacked ones, and its round-robin share of everything published while it
-    is down) until that client id returns; without one (expiry 0) they are gone."""
-    dead = Member(broker.port, "member-a", expiry=expiry, ack=False)
-    live = Member(broker.port, "member-b", expiry=expiry, ack=True)
+    session (MQTT 5 session expiry, or 3.1.1 clean_session=false: $share works for 3.1.1 clients too) it
+    holds them (the unacked ones, and its round-robin share of everything published while it is down)
+    until that client id returns; without one (expiry 0) they are gone."""
+    dead = Member(broker.port, "member-a", protocol=protocol, expiry=expiry, ack=False)
+    live = Member(broker.port, "member-b", protocol=protocol, expiry=expiry, ack=True)
     pub = publisher(broker.port)
     for i in range(20):
         pub.publish("t/x", str(i))
@@ -117,7 +128,7 @@ def test_mosquitto_keeps_a_dead_members_share_in_its_session(broker: Broker, pub
     else:
         assert held == in_flight, "after the session ended, new messages should all go to the live member"
 
-    back = Member(broker.port, "member-a", expiry=expiry, ack=True)
+    back = Member(broker.port, "member-a", protocol=protocol, expiry=expiry, ack=True)
     try:
         if expiry:
             assert wait_for(lambda: set(back.got) >= held), "held messages did not come back with the session"
@@ -201,12 +212,14 @@ def test_three_agents_share_the_stream_and_a_killed_one_loses_nothing(
     assert all(shares.values()), f"a member got no share: {shares}"
     assert sum(shares.values()) >= 150
 
-    # Mid-stream: kill edge-a while notes keep coming.
-    sender = threading.Thread(target=lambda: [pub.note("plant/line2/notes", i) for i in range(150, 450)])
+    # Mid-stream: kill edge-a while notes keep coming, and keep sending after it is gone.
+    sender = threading.Thread(target=lambda: [pub.note("plant/line2/notes", i) for i in range(150, 300)])
     sender.start()
-    assert wait_for(lambda: len(results()) >= 200, 60)
+    wait_for(lambda: len(results()) >= 200 or not sender.is_alive(), 60)
     agents["edge-a"].kill()
     sender.join(60)
+    for i in range(300, 450):
+        pub.note("plant/line3/notes", i)
     everything = {f"n{i}" for i in range(450)}
 
     # The other two drain what they were given; edge-a's share waits in its session on the broker.
