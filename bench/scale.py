@@ -43,8 +43,7 @@ def _one(k: int, r: int, broker: Broker, work: Path, n: int) -> tuple[float, lis
                           client_id=f"bench-{tag}-m{j}")
             agents.append(rd.spawn("agent", "--config", str(cfg), "--settle", "0.5", log=logs / f"{tag}-m{j}.agent"))
         consumer.expect("ready", 30)
-        for a in agents:
-            a.expect("ready", 120)
+        cpu0 = sum(a.expect("ready", 120)["cpu_s"] for a in agents)
         pub = rd.spawn("publisher", "--port", str(broker.port), "--n", str(n), log=logs / f"{tag}.publisher")
         sent = pub.expect("published", 300)
         got = consumer.expect("done", 300)
@@ -53,7 +52,9 @@ def _one(k: int, r: int, broker: Broker, work: Path, n: int) -> tuple[float, lis
         stats = [a.expect("stopped", 60) for a in agents]
     if got["count"] < n:
         raise RuntimeError(f"{tag}: consumer got {got['count']} of {n}")
-    return n / (got["t_last"] - sent["t_first"]), stats
+    # CPU of all members together per note: steadier than the rate on a box shared with other work.
+    cpu_us = (sum(s["cpu_s"] for s in stats) - cpu0) / n * 1e6
+    return n / (got["t_last"] - sent["t_first"]), [{"processed": s["processed"], "cpu_us": cpu_us} for s in stats]
 
 
 def run(quick: bool) -> list[dict]:
@@ -61,6 +62,7 @@ def run(quick: bool) -> list[dict]:
     load0 = os.getloadavg()[0]
     rates: dict[str, list[float]] = {s: [] for s in SIDES}
     shares: dict[str, list[list[int]]] = {s: [] for s in SIDES}
+    cpu: dict[str, list[float]] = {s: [] for s in SIDES}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
         with Broker(work / "broker") as broker:
@@ -68,6 +70,7 @@ def run(quick: bool) -> list[dict]:
                 rate, stats = _one(int(side), r, broker, work, n)
                 rates[side].append(round(rate, 1))
                 shares[side].append([s["processed"] for s in stats])
+                cpu[side].append(round(stats[0]["cpu_us"], 1))
     peer = median(rates["1"])
     common = {
         "unit": "notes/s",
@@ -79,11 +82,13 @@ def run(quick: bool) -> list[dict]:
         "broker": "mosquitto 2.0.11, " + ", ".join(Broker.SETTINGS),
         "agent": "1 route, built-in patterns task, source.share_group = bench, own client_id and outbox each",
         "samples_peer": rates["1"],
+        "peer_cpu_us_per_note": median(cpu["1"]),
         "cores": os.cpu_count(),
         "load_avg_1m_start_end": [round(load0, 2), round(os.getloadavg()[0], 2)],
     }
     return [
         {"name": f"scale_{k}_agents", "ours": median(rates[str(k)]), "peer": peer, **common,
-         "samples_ours": rates[str(k)], "messages_per_member": shares[str(k)]}
+         "samples_ours": rates[str(k)], "ours_cpu_us_per_note": median(cpu[str(k)]),
+         "messages_per_member": shares[str(k)]}
         for k in (2, 3)
     ]
