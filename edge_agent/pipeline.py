@@ -39,7 +39,7 @@ class _Pending:
     rid: str
     out_topic: str
     note: Note
-    fields: dict[str, str] | None  # named inbound topic levels (UNS), when the route names them
+    levels: dict[str, str] | None  # named inbound topic levels (UNS), when the route names them
 
 
 class Pipeline:
@@ -131,12 +131,12 @@ class Pipeline:
                 if not decoded:
                     self.ignored += 1
                     lines.append({"topic": item.topic, "input_id": None, "outcome": "ignored", "t0": item.received_at})
-                fields = segments(route.topic_segments, item.topic) if route.topic_segments else None
-                out = output_topic(route.output_topic, item.topic, gw, fields)
+                levels = segments(route.topic_segments, item.topic) if route.topic_segments else None
+                out = output_topic(route.output_topic, item.topic, gw, levels)
                 for text, input_id in decoded:
                     rid = result_id(gw, item.topic, out, input_id, item.payload)
                     note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
-                    by_route[id(route)].append(_Pending(item, route, rid, out, note, fields))
+                    by_route[id(route)].append(_Pending(item, route, rid, out, note, levels))
 
         for pendings in by_route.values():
             route = pendings[0].route
@@ -163,7 +163,7 @@ class Pipeline:
                     payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results}, **fields)
                 topic = p.out_topic
                 if route.review_topic and any(r.get("review") for r in results.values() if isinstance(r, dict)):
-                    topic = output_topic(route.review_topic, p.item.topic, gw, p.fields)  # low confidence
+                    topic = output_topic(route.review_topic, p.item.topic, gw, p.levels)  # low confidence
                 rows.append((p.rid, topic, payload))
                 if route.retain_latest_topic:
                     rows.extend(self._latest(route.retain_latest_topic, p, results, payload))
@@ -195,7 +195,7 @@ class Pipeline:
         if asset is None:
             return []
         gw = self._cfg.gateway_id
-        topic = output_topic(template, p.item.topic, gw, {**(p.fields or {}), "asset": asset})
+        topic = output_topic(template, p.item.topic, gw, {**(p.levels or {}), "asset": asset})
         return [(result_id(gw, p.item.topic, topic, p.note.input_id, p.item.payload), retained(topic), payload)]
 
     def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
