@@ -5,8 +5,8 @@ sparkplug_b_pb2.py) on protobuf's C parser: about 10 µs for a payload of a few 
 names the sender: spBv1.0/<group>/<NDATA|DDATA|NBIRTH|DBIRTH>/<edge node>[/<device>].
 
 A note's input id is `<group>/<edge node>[/<device>]/<metric>/<timestamp>`: the metric's own timestamp,
-else the payload's, else the payload's seq. A value repeated in a later BIRTH with its original timestamp
-keeps its id, so consumers de-duplicate it like any redelivery. Metrics sent by alias only (no name) are
+else the payload's, else the payload's seq. A value repeated in a BIRTH with its original timestamp keeps
+its input id (not its result id, which also hashes the topic). Metrics sent by alias only (no name) are
 not matched: resolving aliases needs the BIRTH, which a member of a share group may never have seen.
 """
 

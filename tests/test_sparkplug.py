@@ -49,6 +49,16 @@ def test_node_level_ids_and_metric_timestamps() -> None:
     ]
 
 
+def test_a_note_repeated_in_a_birth_keeps_its_id() -> None:
+    """A DBIRTH re-sends current values with their own timestamps: the note keeps its input id."""
+    data = payload(("Note", "P-101 seal leaking"), metric_ts=1_800_000_000_500, seq=4)
+    birth = payload(("Note", "P-101 seal leaking"), ("Temperature", 80.0), metric_ts=1_800_000_000_500, seq=0,
+                    ts=1_800_000_009_000)
+    [(_, data_id)] = decode_sparkplug(data, DDATA, ("Note",), max_bytes=1 << 20)
+    [(_, birth_id)] = decode_sparkplug(birth, DDATA.replace("DDATA", "DBIRTH"), ("Note",), max_bytes=1 << 20)
+    assert data_id == birth_id == "plant1/edge1/press3/Note/1800000000500"
+
+
 def test_no_note_in_a_payload_is_not_an_error() -> None:
     assert decode_sparkplug(payload(("Temperature", 81.5), ("Note", "  ")), DDATA, ("Note",), max_bytes=1 << 20) == []
     # A numeric metric that happens to carry the name is not text.
