@@ -140,6 +140,33 @@ def test_mosquitto_keeps_a_dead_members_share_in_its_session(
         live.close()
 
 
+def test_mosquitto_holds_no_more_than_max_queued_messages_for_a_dead_member(tmp_path: Path, publisher) -> None:
+    """What a dead member's session holds is bounded by Mosquitto's max_queued_messages (default 1000):
+    the rest of its share is dropped, lost to every member. Size it for the longest restart."""
+    broker = Broker(tmp_path / "small-queue")
+    broker.conf.write_text(broker.conf.read_text().replace("max_queued_messages 100000", "max_queued_messages 5"))
+    broker.start()
+    try:
+        dead = Member(broker.port, "member-a", protocol="5", expiry=3600, ack=False)
+        live = Member(broker.port, "member-b", protocol="5", expiry=3600, ack=True)
+        pub = publisher(broker.port)
+        for i in range(20):
+            pub.publish("t/x", str(i))
+        assert wait_for(lambda: len(dead.got) >= 10)  # its receive maximum: the rest of its share is queued
+        dead.crash()
+        for i in range(20, 60):
+            pub.publish("t/x", str(i))
+        back = Member(broker.port, "member-a", protocol="5", expiry=3600, ack=True)
+        wait_for(lambda: False, timeout=1.5)
+        lost = {str(i) for i in range(60)} - set(live.got) - set(dead.got) - set(back.got)
+        assert len(set(back.got) - set(dead.got)) <= 5, "the session held more than max_queued_messages"
+        assert lost, "nothing was dropped beyond max_queued_messages"
+        back.close()
+        live.close()
+    finally:
+        broker.stop()
+
+
 # -- three agents, one group -----------------------------------------------------------------------------
 
 
