@@ -23,6 +23,7 @@ from edge_agent import config
 from edge_agent.errors import ConfigError
 
 from .conftest import Broker, wait_for
+from .test_e2e import Running
 
 ROUTE = {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"]}
 
@@ -57,7 +58,9 @@ def test_share_group_name_is_one_topic_level(group: str) -> None:
 class Member:
     """A shared-subscription member that never acks (manual ack): its messages stay in flight."""
 
-    def __init__(self, port: int, client_id: str, *, protocol: str, expiry: int, ack: bool) -> None:
+    def __init__(
+        self, port: int, client_id: str, *, protocol: str, expiry: int, ack: bool, topic: str = "$share/g/t/#"
+    ) -> None:
         self.got: list[str] = []
         self.subscribed = threading.Event()
         self._ack = ack
@@ -69,7 +72,7 @@ class Member:
             clean_session=None if v5 else False,
             manual_ack=True,
         )
-        self.client.on_connect = lambda c, *_: c.subscribe("$share/g/t/#", qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
         if v5:
@@ -201,6 +204,30 @@ output_topic = "edge/results/{{topic}}"
 tasks = ["patterns"]
 """)
     return path
+
+
+def test_joining_a_group_drops_the_plain_subscription_of_an_old_session(tmp_path: Path, broker: Broker, publisher):
+    """An agent that ran without a group left `plant/+/notes` in its persistent session; once it joins a
+    group it must get its share only, not every message on top of it."""
+    alone = member_config(tmp_path / "alone.toml", port=broker.port, member="edge-a", outbox=tmp_path / "a.db")
+    alone.write_text(alone.read_text().replace('share_group = "edge"\n', ""))
+    first = Running(alone)
+    assert wait_for(lambda: "edge-a 1 plant/+/notes" in broker.log(), 30)
+    first.stop()
+    joined = Running(member_config(tmp_path / "m.toml", port=broker.port, member="edge-a", outbox=tmp_path / "a.db"))
+    other = Member(broker.port, "other", protocol="5", expiry=0, ack=True, topic="$share/edge/plant/+/notes")
+    try:
+        assert wait_for(lambda: "edge-a 1 $share/edge/plant/+/notes" in broker.log(), 30)
+        pub = publisher(broker.port)
+        for i in range(20):
+            pub.note("plant/line1/notes", i)
+        assert wait_for(lambda: joined.agent.pipeline.processed + len(other.got) >= 20, 30)
+        wait_for(lambda: False, timeout=1.0)  # a duplicate delivery would show up now
+        assert joined.agent.pipeline.processed + len(other.got) == 20
+        assert other.got, "the other member got no share"
+    finally:
+        other.close()
+        joined.stop()
 
 
 def handled(log: Path) -> Counter[str]:
