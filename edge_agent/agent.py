@@ -48,9 +48,9 @@ class Agent:
         cfg = self.cfg
         self.outbox_lock.acquire()  # one daemon per outbox; `edge-agent outbox purge` checks it too
         self.outbox.open()
-        self.sink = Sink(
-            cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"edge-agent-{cfg.gateway_id}-sink"
-        )
+        # Members of a share group run under one gateway id: the default sink id follows the member's own.
+        member = f"{cfg.source.client_id}-" if cfg.source.share_group else f"edge-agent-{cfg.gateway_id}-"
+        self.sink = Sink(cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"{member}sink")
         self.sink.start()
         self.tasks = build_tasks(cfg)
         self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source")

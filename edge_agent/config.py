@@ -18,7 +18,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import ConfigError
 
@@ -83,6 +91,29 @@ class SourceConfig(BrokerConfig):
     receive_maximum: int = Field(
         256, ge=1, le=65535, description="unacked inbound messages the broker may send us (MQTT 5)"
     )
+    share_group: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9._-]+$",
+        description="subscribe $share/<group>/<filter>: agents in one group split the stream (README: Scaling)",
+    )
+
+    @model_validator(mode="after")
+    def _member_id(self) -> SourceConfig:
+        # Each member's persistent session holds its share while it is down (Mosquitto redelivers it only
+        # to that session): a stable, distinct client id is what brings those messages back after a restart.
+        if self.share_group is not None and self.client_id is None:
+            raise ConfigError(
+                "source.client_id",
+                "share_group is set but client_id is not",
+                "give each member of the group its own stable client_id (e.g. EDGE_AGENT__SOURCE__CLIENT_ID=edge-a):"
+                " a restarted member gets the messages the broker held for it only by resuming its session",
+            )
+        return self
+
+    def subscription(self, topic_filter: str) -> str:
+        """The filter as subscribed: shared when a group is set. Routing keeps the plain filter."""
+        return f"$share/{self.share_group}/{topic_filter}" if self.share_group else topic_filter
 
 
 class SinkConfig(BrokerConfig):
@@ -201,15 +232,46 @@ TaskConfig = Annotated[
 ]
 
 
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+_SEGMENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_RESERVED = ("topic", "gateway", "asset")
+
+
 class RouteConfig(_Frozen):
     topic: str = Field(min_length=1, description="MQTT topic filter, wildcards allowed")
+    topic_segments: tuple[str, ...] = Field(
+        (), description="names for the inbound topic's levels, in order, usable as {name} in output topics (UNS)"
+    )
+    format: Literal["auto", "sparkplug"] = Field(
+        "auto", description="auto: JSON or plain text; sparkplug: Sparkplug B protobuf, one note per text metric"
+    )
+    text_metric: tuple[str, ...] = Field(
+        (), validate_default=True, description="sparkplug: names of the string metrics that carry notes"
+    )
     text_field: str = Field("text", min_length=1, description="JSON field (dotted path) holding the text")
     id_field: str | None = Field(None, min_length=1, description="JSON field (dotted path) with the producer id")
     output_topic: str = Field("edge/results/{topic}", min_length=1)
     review_topic: str | None = Field(
         None, min_length=1, description="results a task flags for review (low confidence) go here instead"
     )
+    retain_latest_topic: str | None = Field(
+        None, min_length=1, description="also publish each result here, retained: the latest one per {asset}"
+    )
     tasks: tuple[str, ...] = ()
+
+    @field_validator("text_metric", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return (v,) if isinstance(v, str) else v
+
+    @field_validator("text_metric")
+    @classmethod
+    def _sparkplug_only(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        if info.data.get("format") == "sparkplug" and not v:
+            raise ValueError('format = "sparkplug" needs the name(s) of the string metric(s) that carry notes')
+        if info.data.get("format") != "sparkplug" and v:
+            raise ValueError('text_metric applies to format = "sparkplug" only')
+        return v
 
     @field_validator("topic")
     @classmethod
@@ -222,10 +284,37 @@ class RouteConfig(_Frozen):
                 raise ValueError("'+' must be a whole level (e.g. plant/+/notes)")
         return v
 
-    @field_validator("output_topic", "review_topic")
+    @field_validator("topic_segments")
     @classmethod
-    def _output_concrete(cls, v: str | None) -> str | None:
-        if v is not None and _TOPIC_WILDCARDS.search(v.replace("{topic}", "")):
+    def _segment_names(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
+        for name in v:
+            if not _SEGMENT_NAME.fullmatch(name) or name in _RESERVED:
+                raise ValueError(
+                    f"segment name {name!r} must be lower-case letters, digits or '_' and not one of {_RESERVED}"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("segment names must be distinct")
+        levels = info.data.get("topic", "").split("/")
+        if "#" not in levels and len(v) > len(levels):
+            raise ValueError(f"{len(v)} names for a filter of {len(levels)} levels")
+        return v
+
+    @field_validator("output_topic", "review_topic", "retain_latest_topic")
+    @classmethod
+    def _output_template(cls, v: str | None, info: ValidationInfo) -> str | None:
+        """Placeholders are known names (checked here, at load) and the topic is concrete."""
+        if v is None:
+            return v
+        known = {"topic", "gateway", *info.data.get("topic_segments", ())}
+        if info.field_name == "retain_latest_topic":
+            known.add("asset")
+        for name in _PLACEHOLDER.findall(v):
+            if name not in known:
+                raise ValueError(f"unknown placeholder {{{name}}}: use one of {{{'}, {'.join(sorted(known))}}}")
+        literal = _PLACEHOLDER.sub("", v)
+        if "{" in literal or "}" in literal:
+            raise ValueError("unbalanced '{' or '}'")
+        if _TOPIC_WILDCARDS.search(literal):
             raise ValueError("an output topic must not contain '+' or '#'")
         return v
 

@@ -12,6 +12,7 @@ import json
 import re
 from typing import Any
 
+from .config import RouteConfig
 from .errors import DecodeError
 
 _JSON_WS = " \t\r\n"
@@ -102,3 +103,16 @@ def decode(
             raise DecodeError(f"field {id_field!r} is a {_kind(raw_id)}, expected a string or integer")
         input_id = None if raw_id is None else _SURROGATE.sub("\ufffd", str(raw_id))
     return value, input_id
+
+
+def decode_notes(
+    payload: bytes, topic: str, route: RouteConfig, *, max_bytes: int, max_depth: int
+) -> list[tuple[str, str | None]]:
+    """Every (text, input_id) one payload holds for one route: exactly one for JSON or plain text, one per
+    text metric for Sparkplug B (possibly none). Raises DecodeError(reason) for a payload to dead-letter."""
+    if route.format == "sparkplug":
+        from .sparkplug import decode_sparkplug  # protobuf loads only when a route speaks Sparkplug
+
+        return decode_sparkplug(payload, topic, route.text_metric, max_bytes=max_bytes)
+    text_field, id_field = route.text_field, route.id_field
+    return [decode(payload, text_field=text_field, id_field=id_field, max_bytes=max_bytes, max_depth=max_depth)]

@@ -22,12 +22,13 @@ import structlog
 from paho.mqtt.client import topic_matches_sub
 
 from .config import Config, RouteConfig
-from .decode import decode
+from .decode import decode_notes
 from .errors import DecodeError
 from .outbox import Outbox
 from .processors import Note, Task, progress
-from .results import deadletter_payload, output_topic, result_id, result_payload
+from .results import deadletter_payload, output_topic, result_id, result_payload, retained
 from .source import Inbound
+from .uns import first_asset, segments
 
 if TYPE_CHECKING:
     from .metrics import Metrics
@@ -46,6 +47,7 @@ class _Pending:
     rid: str
     out_topic: str
     note: Note
+    levels: dict[str, str] | None  # named inbound topic levels (UNS), when the route names them
 
 
 class Pipeline:
@@ -62,6 +64,7 @@ class Pipeline:
         self._stopping = threading.Event()
         self.processed = 0
         self.dead_lettered = 0
+        self.ignored = 0  # valid payloads that hold no note (a Sparkplug DDATA of measurements only)
         self._metrics = metrics
         self.last_progress = time.monotonic()
         self.busy = False  # between taking a batch and committing it
@@ -107,10 +110,10 @@ class Pipeline:
                 try:
                     if route is None:
                         raise DecodeError(f"no route matches topic {item.topic!r}")
-                    text, input_id = decode(
+                    decoded = decode_notes(
                         item.payload,
-                        text_field=route.text_field,
-                        id_field=route.id_field,
+                        item.topic,
+                        route,
                         max_bytes=self._limits.max_payload_bytes,
                         max_depth=self._limits.max_json_depth,
                     )
@@ -143,10 +146,15 @@ class Pipeline:
                     self.dead_lettered += 1
                     reasons.append(e.reason)
                     continue
-                out = output_topic(route.output_topic, item.topic, gw)
-                rid = result_id(gw, item.topic, out, input_id, item.payload)
-                note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
-                by_route[id(route)].append(_Pending(item, route, rid, out, note))
+                if not decoded:
+                    self.ignored += 1
+                    lines.append({"topic": item.topic, "input_id": None, "outcome": "ignored", "t0": item.received_at})
+                levels = segments(route.topic_segments, item.topic) if route.topic_segments else None
+                out = output_topic(route.output_topic, item.topic, gw, levels)
+                for text, input_id in decoded:
+                    rid = result_id(gw, item.topic, out, input_id, item.payload)
+                    note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
+                    by_route[id(route)].append(_Pending(item, route, rid, out, note, levels))
 
         for pendings in by_route.values():
             route = pendings[0].route
@@ -174,8 +182,10 @@ class Pipeline:
                     payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results}, **fields)
                 topic = p.out_topic
                 if route.review_topic and any(r.get("review") for r in results.values() if isinstance(r, dict)):
-                    topic = output_topic(route.review_topic, p.item.topic, gw)  # low confidence: a person looks
+                    topic = output_topic(route.review_topic, p.item.topic, gw, p.levels)  # low confidence
                 rows.append((p.rid, topic, payload))
+                if route.retain_latest_topic:
+                    rows.extend(self._latest(route.retain_latest_topic, p, results, payload))
                 lines.append(
                     {
                         "topic": p.item.topic,
@@ -201,6 +211,15 @@ class Pipeline:
             log.info("message", latency_ms=round(latency * 1000, 2), **line)
         if self._metrics is not None:
             self._metrics.batch_done(routes_in, reasons, latencies)
+
+    def _latest(self, template: str, p: _Pending, results: dict, payload: bytes) -> list[tuple[str, str, bytes]]:
+        """The retained "latest result for this asset" copy (UNS); none when no task found an asset."""
+        asset = first_asset(results)
+        if asset is None:
+            return []
+        gw = self._cfg.gateway_id
+        topic = output_topic(template, p.item.topic, gw, {**(p.levels or {}), "asset": asset})
+        return [(result_id(gw, p.item.topic, topic, p.note.input_id, p.item.payload), retained(topic), payload)]
 
     def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
         """A task that fails on a batch yields an error entry per note rather than losing the batch."""

@@ -26,7 +26,7 @@ from . import __version__
 from .config import SinkConfig
 from .mqtt import Will, connect_async, is_failure, make_client
 from .outbox import Outbox, Record
-from .results import mark_replayed
+from .results import mark_replayed, split_retain
 
 log = structlog.get_logger(__name__)
 
@@ -128,7 +128,8 @@ class Sink:
     def _publish(self, item: _Inflight) -> None:
         rec = item.record
         payload = mark_replayed(rec.payload) if item.replayed else rec.payload
-        info = self._client.publish(rec.topic, payload, qos=1)
+        topic, retain = split_retain(rec.topic)
+        info = self._client.publish(topic, payload, qos=1, retain=retain)
         # A PUBACK for this mid may already sit in _settled; it is read only after this returns.
         self._inflight[info.mid] = item
         self.published += 1
@@ -145,7 +146,8 @@ class Sink:
             if is_failure(rc):
                 self._failed.append((time.monotonic() + RETRY_DELAY_S, item))
                 self.failures += 1
-                log.error("sink.publish_rejected", reason=str(rc), topic=item.record.topic, id=item.record.id)
+                topic = split_retain(item.record.topic)[0]
+                log.error("sink.publish_rejected", reason=str(rc), topic=topic, id=item.record.id)
             else:
                 acked.append(item.record.seq)
         return acked

@@ -53,12 +53,22 @@ class Source:
         if is_failure(rc):
             log.error("source.connect_refused", reason=str(rc), host=self._cfg.host, port=self._cfg.port)
             return
+        if self._cfg.share_group:
+            # A session from before the group was configured may still hold the plain filters: with them,
+            # this member would get every message on top of its share.
+            client.unsubscribe(self._filters)
         # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
-        client.subscribe([(f, 1) for f in self._filters])
+        client.subscribe([(self._cfg.subscription(f), 1) for f in self._filters])
         if self.connected.is_set():
             return
         self.connected.set()
-        log.info("source.connected", host=self._cfg.host, port=self._cfg.port, filters=self._filters)
+        log.info(
+            "source.connected",
+            host=self._cfg.host,
+            port=self._cfg.port,
+            filters=self._filters,
+            share_group=self._cfg.share_group,
+        )
 
     def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list, _p: object = None) -> None:
         refused = [str(c) for c in codes if is_failure(c)]
