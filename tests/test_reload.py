@@ -246,3 +246,22 @@ def test_reload_tells_systemd_reloading_then_ready(tmp_path, broker) -> None:
         sock.close()
         agent.notifier.close()
     assert not t.is_alive()
+
+
+def test_restart_only_changes_are_named_by_dotted_path() -> None:
+    from edge_agent.agent import _restart_only_changes
+
+    base = {"routes": [{"topic": "plant/+/notes"}]}
+    old = config.parse(base, environ={})
+    new = config.parse(
+        {
+            **base,
+            "gateway_id": "gw-2",
+            "sink": {"port": 8883, "tls": {"insecure": True}},
+            "pipeline": {"batch_max": 10},  # live: not listed
+            "tasks": {"t": {"kind": "patterns"}},  # live: not listed
+        },
+        environ={},
+    )
+    assert _restart_only_changes(old, new) == ["gateway_id", "sink.port", "sink.tls"]
+    assert _restart_only_changes(old, old) == []
