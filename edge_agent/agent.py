@@ -5,11 +5,11 @@ there is somewhere durable to put it). Stop: stop intake → drain the queue (bo
 sink (bounded) → close the outbox. The stop trigger is an injected Event: only the CLI installs signal
 handlers, so tests stop an Agent without signals. The reload trigger is another Event (SIGHUP in the CLI).
 
-Hot reload: the new config is validated and its changed tasks built (models loaded) on a reload thread while
-the old pipeline keeps serving; then subscriptions that no route keeps are dropped, routes and tasks are
-swapped between two batches, new filters are subscribed, and replaced tasks are closed. A field that
-cannot change live (RESTART_ONLY) keeps its running value and is logged `reload.needs_restart`; the rest
-applies. An invalid config is rejected whole, logged with field and fix, and the running config stays.
+Hot reload: the new config is validated and its tasks built (model tasks always, others when changed) on a
+reload thread while the old pipeline keeps serving; then subscriptions that no route keeps are dropped,
+routes and tasks are swapped between two batches, new filters are subscribed, and replaced tasks are closed.
+A field that cannot change live (RESTART_ONLY) keeps its running value and is logged `reload.needs_restart`;
+the rest applies. An invalid config is rejected whole, logged with field and fix, and the running config stays.
 """
 
 from __future__ import annotations
