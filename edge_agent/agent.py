@@ -3,22 +3,31 @@
 Start: outbox → sink → tasks (models) → pipeline → source (subscribe last, so nothing arrives before
 there is somewhere durable to put it). Stop: stop intake → drain the queue (bounded) → ack → flush the
 sink (bounded) → close the outbox. The stop trigger is an injected Event: only the CLI installs signal
-handlers, so tests stop an Agent without signals.
+handlers, so tests stop an Agent without signals. The reload trigger is another Event (SIGHUP in the CLI).
 
 systemd (Type=notify): READY=1 once the outbox is open, the models are loaded and the source broker has
 granted our subscriptions, i.e. once intake works. The uplink is not waited for: store-and-forward
 means results queue in the outbox while it is down, which is the normal state of a gateway at the edge.
 WATCHDOG=1 is sent only while the pipeline makes progress (see `_healthy`).
+
+Hot reload: the new config is validated and its tasks built (model tasks always, others when changed) on a
+reload thread while the old pipeline keeps serving; then subscriptions that no route keeps are dropped,
+routes and tasks are swapped between two batches, new filters are subscribed, and replaced tasks are closed.
+A field that cannot change live (RESTART_ONLY) keeps its running value and is logged `reload.needs_restart`;
+the rest applies. An invalid config is rejected whole, logged with field and fix, and the running config stays.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import structlog
+from pydantic import BaseModel
 
 from .config import Config
+from .errors import ConfigError
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox, OutboxLock
@@ -30,6 +39,8 @@ from .source import Source
 log = structlog.get_logger(__name__)
 
 EXPIRE_EVERY_S = 60.0
+# Settings held by open connections, files and client ids: a reload keeps their running values.
+RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics")
 
 
 class Agent:
@@ -43,6 +54,7 @@ class Agent:
         self.source: Source | None = None
         self.pipeline: Pipeline | None = None
         self.tasks: dict[str, Task] = {}
+        self._reloader: threading.Thread | None = None
 
     def start(self) -> None:
         cfg = self.cfg
@@ -70,16 +82,21 @@ class Agent:
             outbox=str(cfg.outbox.path),
         )
 
-    def run(self, stop: threading.Event) -> None:
-        """Start, serve until `stop` is set, then stop in order."""
+    def run(
+        self,
+        stop: threading.Event,
+        reload: threading.Event | None = None,
+        load: Callable[[], Config] | None = None,
+    ) -> None:
+        """Start, serve until `stop` is set, then stop in order. Each time `reload` is set, apply `load()`."""
         self.start()
         try:
-            self._serve(stop)
+            self._serve(stop, reload, load)
         finally:
             self.notifier.stopping()
             self.stop()
 
-    def _serve(self, stop: threading.Event) -> None:
+    def _serve(self, stop: threading.Event, reload: threading.Event | None, load: Callable[[], Config] | None) -> None:
         assert self.source is not None
         ping = watchdog_interval()
         tick = min(ping or 1.0, 1.0)
@@ -98,6 +115,57 @@ class Agent:
             if time.monotonic() >= next_expire:
                 self.outbox.expire()
                 next_expire = time.monotonic() + EXPIRE_EVERY_S
+            # A SIGHUP before READY waits for it: systemd's RELOADING=1 ... READY=1 brackets a running service.
+            if ready and reload is not None and load is not None and reload.is_set() and not self._reloading():
+                reload.clear()  # a signal during this reload starts another one after it
+                self._reloader = threading.Thread(target=self.reload, args=(load,), name="edge-agent-reload")
+                self._reloader.start()
+
+    def _reloading(self) -> bool:
+        return self._reloader is not None and self._reloader.is_alive()
+
+    def reload(self, load: Callable[[], Config]) -> bool:
+        """Apply a new config to the running agent (see the module docstring). True when applied."""
+        self.notifier.reloading()
+        status = "running"
+        try:
+            new = load()
+            kept = _restart_only_changes(self.cfg, new)
+            for field in kept:
+                log.warning("reload.needs_restart", field=field, hint="restart edge-agent to change it; kept as is")
+            self._apply(new.model_copy(update={name: getattr(self.cfg, name) for name in RESTART_ONLY}), kept)
+            return True
+        except ConfigError as e:
+            log.error("reload.rejected", field=e.field, error=e.message, fix=e.hint, kept="the running config")
+            status = f"running; last reload rejected: {e.field}"
+        except Exception as e:  # never let a reload take the daemon down
+            log.exception("reload.failed", error=str(e), kept="the running config")
+            status = "running; last reload failed"
+        finally:
+            self.notifier.ready(status=status)
+        return False
+
+    def _apply(self, new: Config, kept: list[str]) -> None:
+        assert self.pipeline is not None and self.source is not None
+        old = self.cfg
+        same = {n: t for n, t in self.tasks.items() if _reusable(old, new, n)}
+        tasks = build_tasks(new, reuse=same)  # models load here, while the old pipeline keeps serving
+        unsubscribed = self.source.unsubscribe_removed(new.routes)
+        self.pipeline.swap(new, tasks)
+        retired, self.tasks, self.cfg = self.tasks, tasks, new
+        subscribed = self.source.subscribe_added(new.routes)
+        for name, task in retired.items():
+            if tasks.get(name) is not task:
+                task.close()
+        log.info(
+            "reload.applied",
+            routes=[r.topic for r in new.routes],
+            tasks=sorted(tasks),
+            rebuilt=sorted(n for n in tasks if n not in same),
+            subscribed=subscribed,
+            unsubscribed=unsubscribed,
+            needs_restart=kept,
+        )
 
     def _announce_ready(self, wait: float) -> bool:
         """READY=1 once the source has subscribed (waiting at most `wait`). The watchdog is fed meanwhile:
@@ -116,6 +184,8 @@ class Agent:
         return idle or time.monotonic() - self.pipeline.last_progress < 2 * ping
 
     def stop(self) -> None:
+        if self._reloader is not None:
+            self._reloader.join()  # a reload half-applied while stopping would close tasks twice
         timeout = self.cfg.pipeline.drain_timeout_s
         if self.metrics is not None:
             self.metrics.close()
@@ -134,3 +204,28 @@ class Agent:
         self.outbox.close()
         self.outbox_lock.release()
         log.info("agent.stopped", outbox_rows=stats.count, outbox_bytes=stats.bytes)
+
+
+def _reusable(old: Config, new: Config, name: str) -> bool:
+    """An unchanged task without model files is kept (log templates keep what they learned); a model task is
+    always rebuilt, so a head retrained or a model rebuilt at the same path is picked up."""
+    try:
+        tcfg = new.task(name)
+    except KeyError:
+        return False
+    return tcfg == old.task(name) and not hasattr(tcfg, "model")
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Dotted names of RESTART_ONLY settings that differ (`sink.port`, `gateway_id`)."""
+    return [field for name in RESTART_ONLY for field in _diff(name, getattr(old, name), getattr(new, name))]
+
+
+def _diff(path: str, a: object, b: object) -> Iterator[str]:
+    if a == b:
+        return
+    if isinstance(a, BaseModel) and type(a) is type(b):
+        for key in type(a).model_fields:
+            yield from _diff(f"{path}.{key}", getattr(a, key), getattr(b, key))
+    else:
+        yield path

@@ -44,6 +44,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return _fail_config(e)
     logs.configure(cfg.log.level, cfg.log.format)
     stop = threading.Event()
+    reload = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:
         if stop.is_set() and signum == signal.SIGINT:
@@ -53,8 +54,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    # SIGHUP (systemctl reload) re-reads the file; the Agent validates and applies it between batches.
+    signal.signal(signal.SIGHUP, lambda _s, _f: reload.set())
     try:
-        Agent(cfg).run(stop)
+        Agent(cfg).run(stop, reload, lambda: config.load(args.config))
     except ConfigError as e:
         return _fail_config(e)
     except EdgeAgentError as e:
@@ -125,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"edge-agent {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT")
+    p = sub.add_parser("run", help="run the daemon until SIGTERM/SIGINT; SIGHUP reloads the config")
     p.add_argument("--config", type=Path, required=True)
     p.set_defaults(func=cmd_run)
 

@@ -1,10 +1,11 @@
-"""systemd's sd_notify protocol (READY, STOPPING, WATCHDOG, STATUS); a no-op without NOTIFY_SOCKET."""
+"""systemd's sd_notify protocol (READY, RELOADING, STOPPING, WATCHDOG, STATUS); a no-op without NOTIFY_SOCKET."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import socket
+import time
 
 
 class Notifier:
@@ -29,6 +30,11 @@ class Notifier:
 
     def ready(self, status: str = "") -> None:
         self.send("READY=1", *([f"STATUS={status}"] if status else []))
+
+    def reloading(self) -> None:
+        """Start of a reload; `ready()` ends it. MONOTONIC_USEC is what Type=notify-reload requires (systemd
+        253+); plain Type=notify accepts and ignores it, so one message serves both."""
+        self.send("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
 
     def stopping(self) -> None:
         self.send("STOPPING=1")

@@ -85,16 +85,20 @@ class Models:
         return self._encoders[key]
 
 
-def build_tasks(cfg: Config) -> dict[str, Task]:
+def build_tasks(cfg: Config, reuse: Mapping[str, Task] | None = None) -> dict[str, Task]:
     """Instantiate every task that some route names (built-ins included), once each.
 
     A model or head that cannot be loaded is a config error naming the task, so `run` exits 2 with the
-    field and the fix, like any other bad setting.
+    field and the fix, like any other bad setting. `reuse` (hot reload) supplies running tasks whose
+    config did not change, so their models are not loaded twice and their state (log templates) stays.
     """
     names = {name for route in cfg.routes for name in route.tasks}
     models = Models()
     tasks: dict[str, Task] = {}
     for name in sorted(names):
+        if reuse and name in reuse:
+            tasks[name] = reuse[name]
+            continue
         try:
             tasks[name] = _build(name, cfg.task(name), models)
         except (ModelError, OSError) as e:

@@ -35,6 +35,7 @@ class Source:
     def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str) -> None:
         self._cfg = cfg
         self._filters = sorted({r.topic for r in routes})
+        self._stale: set[str] = set()  # removed by a reload while disconnected: unsubscribe on connect
         self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
         self._client = make_client(cfg, client_id, persistent=True, manual_ack=True)
         self._client.on_connect = self._on_connect
@@ -59,6 +60,9 @@ class Source:
             client.unsubscribe(self._filters)
         # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
         client.subscribe([(self._cfg.subscription(f), 1) for f in self._filters])
+        if stale := sorted(self._stale - set(self._filters)):
+            client.unsubscribe([self._cfg.subscription(f) for f in stale])  # a persistent session keeps them
+        self._stale.clear()
         if self.connected.is_set():
             return
         self.connected.set()
@@ -106,6 +110,29 @@ class Source:
 
     def stop_intake(self) -> None:
         self._accepting.clear()
+
+    def unsubscribe_removed(self, routes: tuple[RouteConfig, ...]) -> list[str]:
+        """Hot reload, before the pipeline swap: stop subscriptions no new route has.
+
+        Messages the broker already sent us stay queued and are processed (and acked) as usual. The session is
+        persistent, so a filter we cannot unsubscribe now (disconnected) is unsubscribed on the next connect.
+        """
+        keep = {r.topic for r in routes}
+        removed = [f for f in self._filters if f not in keep]
+        if removed:
+            self._filters = [f for f in self._filters if f in keep]
+            if self._client.unsubscribe([self._cfg.subscription(f) for f in removed])[0] != mqtt.MQTT_ERR_SUCCESS:
+                self._stale.update(removed)
+        return removed
+
+    def subscribe_added(self, routes: tuple[RouteConfig, ...]) -> list[str]:
+        """Hot reload, after the pipeline swap (so nothing arrives before a route can take it): new filters.
+        Disconnected, the next connect subscribes them with the rest."""
+        added = sorted({r.topic for r in routes} - set(self._filters))
+        if added:
+            self._filters = sorted({*self._filters, *added})
+            self._client.subscribe([(self._cfg.subscription(f), 1) for f in added])
+        return added
 
     def ack(self, item: Inbound) -> None:
         if item.qos > 0:

@@ -28,7 +28,13 @@ def test_unit_verifies_clean(tmp_path: Path) -> None:
 
 def test_unit_settings() -> None:
     text = UNIT.read_text()
-    for line in ("Type=notify", "Restart=on-failure", "StateDirectory=edge-agent", "NoNewPrivileges=yes"):
+    for line in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "StateDirectory=edge-agent",
+        "NoNewPrivileges=yes",
+    ):
         assert line in text
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
 
