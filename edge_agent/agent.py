@@ -157,6 +157,8 @@ class Agent:
         for name, task in retired.items():
             if tasks.get(name) is not task:
                 task.close()
+        if self.metrics is not None:
+            self.metrics.loaded(tasks)
         log.info(
             "reload.applied",
             routes=[r.topic for r in new.routes],

@@ -228,7 +228,9 @@ def test_reload_tells_systemd_reloading_then_ready(tmp_path, broker) -> None:
     t = threading.Thread(target=agent.run, args=(stop, reload, lambda: config.load(cfg_path, environ={})))
     t.start()
     try:
-        assert sock.recv(1024).decode().startswith("READY=1")
+        # STATUS=waiting for the source broker... may come first: READY follows the first subscription.
+        while not sock.recv(1024).decode().startswith("READY=1"):
+            pass
         reload.set()
         fields = sock.recv(1024).decode().splitlines()
         assert fields[0] == "RELOADING=1" and fields[1].startswith("MONOTONIC_USEC=") and int(fields[1][15:]) > 0
