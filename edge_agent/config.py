@@ -11,6 +11,7 @@ parse (``1884``, ``true``, ``"x"``), else taken as strings. Routes and tasks com
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -210,6 +211,24 @@ class RouteConfig(_Frozen):
         None, min_length=1, description="results a task flags for review (low confidence) go here instead"
     )
     tasks: tuple[str, ...] = ()
+    max_payload_bytes: int | None = Field(
+        None, ge=16, le=256 * 1024 * 1024, description="overrides pipeline.max_payload_bytes for this route"
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, description="messages/s this route processes; more are dead-lettered (default unlimited)"
+    )
+    rate_burst: int | None = Field(None, ge=1, description="messages allowed at once; default one second's worth")
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> RouteConfig:
+        if self.rate_burst is not None and self.rate_limit is None:
+            raise ValueError("rate_burst is set but rate_limit is not: set rate_limit (messages/s) too")
+        return self
+
+    @property
+    def burst(self) -> int:
+        """Token bucket size: rate_burst, else one second's worth of messages."""
+        return self.rate_burst or max(1, math.ceil(self.rate_limit or 1))
 
     @field_validator("topic")
     @classmethod

@@ -10,7 +10,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 
 import structlog
@@ -22,11 +22,13 @@ from .errors import DecodeError
 from .outbox import Outbox
 from .processors import Note, Task
 from .results import deadletter_payload, output_topic, result_id, result_payload
+from .sink import TokenBucket
 from .source import Inbound
 
 log = structlog.get_logger(__name__)
 
 _STOP = object()
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 
 
 @dataclass(slots=True)
@@ -51,8 +53,10 @@ class Pipeline:
         self._on_commit = on_commit
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._buckets = {id(r): TokenBucket(r.rate_limit, r.burst) for r in cfg.routes if r.rate_limit}
         self.processed = 0
         self.dead_lettered = 0
+        self.over_limit: Counter[str] = Counter()  # route topic -> messages dead-lettered by its rate limit
         self.last_progress = time.monotonic()
 
     def _routes_for(self, topic: str) -> list[RouteConfig]:
@@ -88,47 +92,11 @@ class Pipeline:
                 routes = [None]
             for route in routes:
                 try:
-                    if route is None:
-                        raise DecodeError(f"no route matches topic {item.topic!r}")
-                    text, input_id = decode(
-                        item.payload,
-                        text_field=route.text_field,
-                        id_field=route.id_field,
-                        max_bytes=self._limits.max_payload_bytes,
-                        max_depth=self._limits.max_json_depth,
-                    )
+                    pending = self._admit(item, route)
                 except DecodeError as e:
-                    rid = result_id(gw, item.topic, self._cfg.dead_letter_topic, None, item.payload)
-                    rows.append(
-                        (
-                            rid,
-                            self._cfg.dead_letter_topic,
-                            deadletter_payload(
-                                rid=rid,
-                                topic=item.topic,
-                                received_at=item.received_at,
-                                reason=e.reason,
-                                payload=item.payload,
-                                gateway=gw,
-                            ),
-                        )
-                    )
-                    lines.append(
-                        {
-                            "topic": item.topic,
-                            "input_id": None,
-                            "result_id": rid,
-                            "outcome": "deadletter",
-                            "reason": e.reason,
-                            "t0": item.received_at,
-                        }
-                    )
-                    self.dead_lettered += 1
+                    rows.append(self._dead_letter(item, e.reason, lines))
                     continue
-                out = output_topic(route.output_topic, item.topic, gw)
-                rid = result_id(gw, item.topic, out, input_id, item.payload)
-                note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
-                by_route[id(route)].append(_Pending(item, route, rid, out, note))
+                by_route[id(route)].append(pending)
 
         for pendings in by_route.values():
             route = pendings[0].route
@@ -178,6 +146,51 @@ class Pipeline:
         for line in lines:
             t0 = line.pop("t0")
             log.info("message", latency_ms=round((now - t0) * 1000, 2), **line)
+
+    def _admit(self, item: Inbound, route: RouteConfig | None) -> _Pending:
+        """Check one (message, route) against the route's limits and decode it; DecodeError says why not."""
+        if route is None:
+            raise DecodeError(f"no route matches topic {item.topic!r}")
+        bucket = self._buckets.get(id(route))
+        if bucket is not None and not bucket.take(1):
+            # Before decode: a runaway publisher costs one dead-letter row each, never model time.
+            self.over_limit[route.topic] += 1
+            raise DecodeError(f"rate limit: route {route.topic} over {route.rate_limit:g} msg/s")
+        text, input_id = decode(
+            item.payload,
+            text_field=route.text_field,
+            id_field=route.id_field,
+            max_bytes=route.max_payload_bytes or self._limits.max_payload_bytes,
+            max_depth=self._limits.max_json_depth,
+        )
+        gw = self._cfg.gateway_id
+        out = output_topic(route.output_topic, item.topic, gw)
+        longest = max(out, output_topic(route.review_topic or "", item.topic, gw), key=len).encode()
+        if len(longest) > MAX_TOPIC_BYTES:  # paho would refuse to publish it, and the row would block the sink
+            raise DecodeError(f"output topic too long: {len(longest)} bytes, MQTT allows {MAX_TOPIC_BYTES}")
+        rid = result_id(gw, item.topic, out, input_id, item.payload)
+        note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
+        return _Pending(item, route, rid, out, note)
+
+    def _dead_letter(self, item: Inbound, reason: str, lines: list[dict]) -> tuple[str, str, bytes]:
+        """The outbox row for a message that cannot be processed, and its log line. Nothing is lost."""
+        gw, topic = self._cfg.gateway_id, self._cfg.dead_letter_topic
+        rid = result_id(gw, item.topic, topic, None, item.payload)
+        payload = deadletter_payload(
+            rid=rid, topic=item.topic, received_at=item.received_at, reason=reason, payload=item.payload, gateway=gw
+        )
+        lines.append(
+            {
+                "topic": item.topic,
+                "input_id": None,
+                "result_id": rid,
+                "outcome": "deadletter",
+                "reason": reason,
+                "t0": item.received_at,
+            }
+        )
+        self.dead_lettered += 1
+        return rid, topic, payload
 
     def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
         """A task that fails on a batch yields an error entry per note rather than losing the batch."""

@@ -34,7 +34,9 @@ def result_id(gateway: str, topic: str, output_topic: str, input_id: str | None,
 
 
 def output_topic(template: str, topic: str, gateway: str) -> str:
-    return template.replace("{topic}", topic).replace("{gateway}", gateway)
+    """Fill `{gateway}`, then `{topic}` last: the inbound topic is text a publisher chose, and braces in it
+    (`plant/{gateway}/x`, `{0.__class__}`) must come out as they went in, never filled or formatted."""
+    return template.replace("{gateway}", gateway).replace("{topic}", topic)
 
 
 def dumps(obj: dict[str, Any]) -> bytes:
