@@ -14,6 +14,7 @@ import time
 import structlog
 
 from .config import Config
+from .mqtt import preflight
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Pipeline
@@ -38,6 +39,7 @@ class Agent:
 
     def start(self) -> None:
         cfg = self.cfg
+        preflight(cfg)  # passwords and TLS files: a bad path fails here, before anything starts
         self.outbox.open()
         self.sink = Sink(
             cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"edge-agent-{cfg.gateway_id}-sink"

@@ -51,7 +51,13 @@ class BrokerConfig(_Frozen):
     client_id: str | None = Field(None, min_length=1, max_length=64)
     keepalive: int = Field(30, ge=5, le=65535, description="seconds; a dead link is noticed after 1.5x")
     username: str | None = None
-    password_file: Path | None = None
+    password_file: Path | None = Field(None, description="file holding the password (only the path is kept)")
+    password_credential: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.@-]+$",
+        description="systemd credential name (LoadCredential=NAME:...): read from $CREDENTIALS_DIRECTORY/NAME",
+    )
     tls: TLSConfig | None = None
     session_expiry: int = Field(
         7 * 24 * 3600, ge=0, description="seconds the broker keeps our session (MQTT 5) after a disconnect"
@@ -69,15 +75,37 @@ class BrokerConfig(_Frozen):
     def _delays(self) -> BrokerConfig:
         if self.reconnect_max_delay < self.reconnect_min_delay:
             raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
-        if self.password_file is not None and self.username is None:
-            raise ValueError("password_file is set but username is not: set username too")
+        secret = "password_file" if self.password_file is not None else "password_credential"
+        if self.password_file is not None and self.password_credential is not None:
+            raise ValueError("set password_file or password_credential, not both")
+        if getattr(self, secret) is not None and self.username is None:
+            raise ValueError(f"{secret} is set but username is not: set username too")
         return self
 
-    def password(self) -> str | None:
-        """Read the password from its file (trailing newline stripped). Never logged."""
-        if self.password_file is None:
+    def password_path(self, section: str, environ: Mapping[str, str] | None = None) -> tuple[str, Path] | None:
+        """(config key, file) the password is read from, or None. The password itself is never kept here."""
+        if self.password_file is not None:
+            return f"{section}.password_file", self.password_file
+        if self.password_credential is None:
             return None
-        return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
+        key = f"{section}.password_credential"
+        creds = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
+        if not creds:
+            raise ConfigError(
+                key,
+                "CREDENTIALS_DIRECTORY is not set, so the credential cannot be read",
+                f"run under systemd with LoadCredential={self.password_credential}:/path/to/secret, "
+                "or use password_file",
+            )
+        return key, Path(creds) / self.password_credential
+
+    def password(self, section: str, environ: Mapping[str, str] | None = None) -> str | None:
+        """Read the password (trailing newline stripped). ConfigError names the key. Never logged."""
+        where = self.password_path(section, environ)
+        if where is None:
+            return None
+        key, path = where
+        return read_file(key, path).decode("utf-8", errors="replace").rstrip("\r\n")
 
 
 class SourceConfig(BrokerConfig):
@@ -314,6 +342,18 @@ _HINTS = {
 _FIELD_HINTS = {
     ("routes", "missing"): 'add at least one [[routes]] table, e.g. topic = "plant/+/notes"',
 }
+
+
+def read_file(key: str, path: Path) -> bytes:
+    """A file the config names (password, certificate), or a ConfigError naming the key and the fix."""
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise ConfigError(
+            key,
+            f"cannot read {path}: {e.strerror or e}",
+            "check the path and that the service user may read it (systemd: LoadCredential= or ReadOnlyPaths=)",
+        ) from None
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

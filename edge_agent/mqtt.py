@@ -1,5 +1,6 @@
 """Building paho clients the same way for source and sink: protocol, TLS, credentials, limits.
 
+`name` ("source" or "sink") names the connection in errors and logs.
 paho traps handled here, once: `max_*_set` must be called before `connect()`; MQTT 5 session
 persistence is `clean_start=False` on *every* connect (paho's default only keeps the first one clean),
 while 3.1.1 spells it `clean_session=False` in the constructor.
@@ -8,7 +9,6 @@ while 3.1.1 spells it `clean_session=False` in the constructor.
 from __future__ import annotations
 
 import logging
-import ssl
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -16,8 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import BrokerConfig
-from .errors import ConfigError
+from .config import BrokerConfig, Config
+from .tls import tls_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +31,7 @@ def make_client(
     cfg: BrokerConfig,
     client_id: str,
     *,
+    name: str,
     persistent: bool,
     manual_ack: bool = False,
     inflight: int = 20,
@@ -49,26 +50,9 @@ def make_client(
     client.max_queued_messages_set(0)  # unbounded: our own window keeps paho's queue small
     client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
     if cfg.username is not None:
-        try:
-            password = cfg.password()
-        except OSError as e:
-            raise ConfigError(
-                "password_file",
-                f"cannot read {cfg.password_file}: {e.strerror}",
-                "make the file readable by the service user",
-            ) from None
-        client.username_pw_set(cfg.username, password)
+        client.username_pw_set(cfg.username, cfg.password(name))
     if cfg.tls is not None:
-        tls = cfg.tls
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-            if tls.cert_file is not None:
-                ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError("tls", f"cannot load TLS files: {e}", "check ca_file, cert_file and key_file") from None
-        if tls.insecure:
-            ctx.check_hostname = False
-        client.tls_set_context(ctx)
+        client.tls_set_context(tls_context(cfg, name))
     if will is not None:
         client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
     return client
@@ -93,3 +77,15 @@ def is_failure(reason_code: object) -> bool:
     """A v5 reason code >= 0x80 is a failure. 16 ("No matching subscribers") is a success."""
     is_fail = getattr(reason_code, "is_failure", None)
     return bool(is_fail) if is_fail is not None else False
+
+
+def preflight(cfg: Config, *, credentials: bool = True) -> None:
+    """Read every password and load every TLS file now, so a bad path fails at start naming its key.
+
+    `credentials=False` skips systemd credentials (check-config run by hand, outside the service).
+    """
+    for name, broker in (("source", cfg.source), ("sink", cfg.sink)):
+        if broker.username is not None and (credentials or broker.password_credential is None):
+            broker.password(name)
+        if broker.tls is not None:
+            tls_context(broker, name)

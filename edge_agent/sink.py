@@ -63,6 +63,7 @@ class Sink:
         self._client = make_client(
             cfg,
             client_id,
+            name="sink",
             persistent=False,
             inflight=cfg.inflight,
             will=Will(self.status_topic, self._status(False)),

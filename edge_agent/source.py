@@ -36,7 +36,7 @@ class Source:
         self._cfg = cfg
         self._filters = sorted({r.topic for r in routes})
         self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
-        self._client = make_client(cfg, client_id, persistent=True, manual_ack=True)
+        self._client = make_client(cfg, client_id, name="source", persistent=True, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message

@@ -95,7 +95,7 @@ def test_password_read_from_file(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     cfg = load_text(tmp_path, f'[sink]\nusername = "u"\npassword_file = "{pw}"\n' + ROUTE)
-    assert cfg.sink.password() == "s3cret"
+    assert cfg.sink.password("sink") == "s3cret"
     assert "s3cret" not in repr(cfg)
 
 
