@@ -73,6 +73,16 @@ def connect_async(
         client.connect_async(cfg.host, cfg.port, cfg.keepalive)
 
 
+def refused_hint(name: str, reason_code: object) -> str:
+    """The likely fix for a CONNECT the broker refused (MQTT 5 reason codes; paho maps 3.1.1 onto them)."""
+    value = getattr(reason_code, "value", None)
+    if value in (0x86, 0x87):  # bad user name or password, not authorized
+        return f"check {name}.username and its password (password_file or password_credential), and the broker's ACL"
+    if value == 0x85:
+        return f"set {name}.client_id to one the broker accepts"
+    return "see the broker's log"
+
+
 def is_failure(reason_code: object) -> bool:
     """A v5 reason code >= 0x80 is a failure. 16 ("No matching subscribers") is a success."""
     is_fail = getattr(reason_code, "is_failure", None)

@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from .config import RouteConfig, SourceConfig
-from .mqtt import connect_async, is_failure, make_client
+from .mqtt import connect_async, is_failure, make_client, refused_hint
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +49,13 @@ class Source:
     # paho callbacks (run on paho's network thread; must not block) ------------------------------
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
         if is_failure(rc):
-            log.error("source.connect_refused", reason=str(rc), host=self._cfg.host, port=self._cfg.port)
+            log.error(
+                "source.connect_refused",
+                reason=str(rc),
+                host=self._cfg.host,
+                port=self._cfg.port,
+                hint=refused_hint("source", rc),
+            )
             return
         # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
         client.subscribe([(f, 1) for f in self._filters])
