@@ -17,7 +17,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -319,6 +319,7 @@ class Config(_Frozen):
 
 
 BUILTIN_TASKS: dict[str, PatternsTaskConfig] = {"patterns": PatternsTaskConfig()}
+_TASK_KINDS = {get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(TaskConfig)[0])}
 
 _HINTS = {
     "missing": "add this key",
@@ -336,11 +337,27 @@ _HINTS = {
     "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
     "too_short": "add at least one entry (e.g. one [[routes]] table)",
     "union_tag_invalid": "set kind to a known task kind: patterns, classifier, tagger, generator or log_template",
+    "int_from_float": "use a whole number",
+    "float_type": "use a number",
+    "finite_number": "use a finite number (not nan or inf)",
+    "bool_type": "use true or false",
+    "less_than": "lower the value",
+    "string_too_long": "shorten the value",
+    "too_long": "use fewer entries",
+    "path_type": 'use a quoted file path, e.g. "/etc/edge-agent/ca.pem"',
+    "tuple_type": 'use a list, e.g. ["a", "b"]',
+    "list_type": 'use a list, e.g. ["a", "b"]',
+    "dict_type": 'use a table of name = "value" pairs, e.g. { a = "x" }',
+    "model_type": "make it a [section] table of keys, not a single value",
+    "model_attributes_type": "make it a [section] table of keys, not a single value",
 }
 
 
+GENERIC_HINT = "see configs/ for a working example"
+
 _FIELD_HINTS = {
     ("routes", "missing"): 'add at least one [[routes]] table, e.g. topic = "plant/+/notes"',
+    ("routes", "tuple_type"): 'write each route as a [[routes]] table, e.g. topic = "plant/+/notes"',
 }
 
 
@@ -383,9 +400,12 @@ def parse(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Con
         return Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = err["loc"]
+        if loc[:1] == ("tasks",) and len(loc) > 3 and loc[2] in _TASK_KINDS:
+            loc = loc[:2] + loc[3:]  # pydantic puts the union's tag in the path: tasks.x.classifier.model
+        field = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        hint = _FIELD_HINTS.get((field, err["type"])) or _HINTS.get(err["type"], "see configs/ for a working example")
+        hint = _FIELD_HINTS.get((field, err["type"])) or _HINTS.get(err["type"], GENERIC_HINT)
         raise ConfigError(field, msg, hint) from None
 
 
