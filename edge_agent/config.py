@@ -369,7 +369,7 @@ def read_file(key: str, path: Path) -> bytes:
         raise ConfigError(
             key,
             f"cannot read {path}: {e.strerror or e}",
-            "check the path and that the service user may read it (systemd: LoadCredential= or ReadOnlyPaths=)",
+            "check the path, and that the service user may read it (a root-only file: systemd LoadCredential=)",
         ) from None
 
 
