@@ -123,6 +123,14 @@ class SinkConfig(BrokerConfig):
     replay_burst: int = Field(100, ge=1)
     status_topic: str = Field("edge/status/{gateway}", min_length=1)
 
+    @field_validator("status_topic")
+    @classmethod
+    def _status_concrete(cls, v: str) -> str:
+        # paho raises on a wildcard inside its network thread, which would stop the sink's connection for good.
+        if _TOPIC_WILDCARDS.search(v):
+            raise ValueError("status_topic must not contain '+' or '#'")
+        return v
+
 
 class OutboxConfig(_Frozen):
     path: Path = Path("/var/lib/edge-agent/outbox.db")

@@ -52,6 +52,7 @@ def test_defaults_and_frozen(tmp_path: Path) -> None:
         ('[[routes]]\ntopic = "a"\noutput_topic = "out/+"\n', "routes.0.output_topic", ""),
         ('gateway_id = "gw 1"\n' + ROUTE, "gateway_id", "letters, digits"),
         ('dead_letter_topic = "dl/#"\n' + ROUTE, "dead_letter_topic", ""),
+        ('[sink]\nstatus_topic = "edge/+/status"\n' + ROUTE, "sink.status_topic", ""),
         (
             '[tasks.p]\nkind = "patterns"\nasset_patterns = ["(unclosed"]\n' + ROUTE,
             "tasks.p.asset_patterns",

@@ -4,15 +4,19 @@ Hypothesis, derandomized (a fixed seed per test, so CI sees the same cases every
 (plus test_decode's 1,500). The property everywhere: no crash, and every input accounted for — a result
 whose text is what decode() returned, or a dead-letter record with a reason and the original bytes; a bad
 config is a ConfigError naming a field and a fix, never anything else. An end-to-end test sends 300 nasty
-payloads through a real Mosquitto and checks each one came out as a result or a dead letter.
+payloads through a real Mosquitto and checks each one came out as a result or a dead letter; atheris
+(when installed) fuzzes decode() guided by coverage.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import random
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,7 +34,7 @@ from edge_agent.processors import build_tasks
 from edge_agent.source import Inbound
 
 from . import test_e2e
-from .conftest import wait_for, write_config
+from .conftest import REPO, wait_for, write_config
 
 run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
 FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
@@ -333,3 +337,16 @@ def test_300_nasty_payloads_through_a_real_broker(tmp_path, broker, collect, pub
             kinds["result"] += 1
             assert rec["text"] == decode(payload, id_field="id", max_bytes=65536, max_depth=64)[0]
     assert min(kinds.values()) > 50, kinds  # both outcomes well exercised
+
+
+def test_atheris_coverage_guided_decode(tmp_path: Path) -> None:
+    """100,000 libFuzzer runs of decode(), seeded: the same property, found by coverage instead of by shape."""
+    pytest.importorskip("atheris")
+    seeds = [b'{"text": "P-101 leak", "id": 7}', b'{"note": {"text": "x"}, "id": "a"}', b"plain", b'{"a": [[1]]}']
+    for i, seed in enumerate(seeds):
+        (tmp_path / f"seed{i}").write_bytes(seed)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tests" / "atheris_decode.py"), "-runs=100000", "-seed=1", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+    )  # fmt: skip
+    assert r.returncode == 0 and "Done 100000 runs" in r.stderr, r.stderr[-3000:]
