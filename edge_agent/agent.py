@@ -14,7 +14,7 @@ import time
 import structlog
 
 from .config import Config
-from .mqtt import preflight
+from .credentials import preflight
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Pipeline

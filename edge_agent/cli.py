@@ -22,7 +22,7 @@ def _fail_config(e: ConfigError) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from . import config
-    from .mqtt import preflight
+    from .credentials import preflight
 
     try:
         cfg = config.load(args.config)

@@ -82,31 +82,6 @@ class BrokerConfig(_Frozen):
             raise ValueError(f"{secret} is set but username is not: set username too")
         return self
 
-    def password_path(self, section: str, environ: Mapping[str, str] | None = None) -> tuple[str, Path] | None:
-        """(config key, file) the password is read from, or None. The password itself is never kept here."""
-        if self.password_file is not None:
-            return f"{section}.password_file", self.password_file
-        if self.password_credential is None:
-            return None
-        key = f"{section}.password_credential"
-        creds = (os.environ if environ is None else environ).get("CREDENTIALS_DIRECTORY")
-        if not creds:
-            raise ConfigError(
-                key,
-                "CREDENTIALS_DIRECTORY is not set, so the credential cannot be read",
-                f"run under systemd with LoadCredential={self.password_credential}:/path/to/secret, "
-                "or use password_file",
-            )
-        return key, Path(creds) / self.password_credential
-
-    def password(self, section: str, environ: Mapping[str, str] | None = None) -> str | None:
-        """Read the password (trailing newline stripped). ConfigError names the key. Never logged."""
-        where = self.password_path(section, environ)
-        if where is None:
-            return None
-        key, path = where
-        return read_file(key, path).decode("utf-8", errors="replace").rstrip("\r\n")
-
 
 class SourceConfig(BrokerConfig):
     receive_maximum: int = Field(
@@ -367,18 +342,6 @@ _FIELD_HINTS = {
     ("routes", "missing"): 'add at least one [[routes]] table, e.g. topic = "plant/+/notes"',
     ("routes", "tuple_type"): 'write each route as a [[routes]] table, e.g. topic = "plant/+/notes"',
 }
-
-
-def read_file(key: str, path: Path) -> bytes:
-    """A file the config names (password, certificate), or a ConfigError naming the key and the fix."""
-    try:
-        return path.read_bytes()
-    except OSError as e:
-        raise ConfigError(
-            key,
-            f"cannot read {path}: {e.strerror or e}",
-            "check the path, and that the service user may read it (a root-only file: systemd LoadCredential=)",
-        ) from None
 
 
 def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:

@@ -16,7 +16,8 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from .config import BrokerConfig, Config
+from .config import BrokerConfig
+from .credentials import password
 from .tls import tls_context
 
 
@@ -50,7 +51,7 @@ def make_client(
     client.max_queued_messages_set(0)  # unbounded: our own window keeps paho's queue small
     client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
     if cfg.username is not None:
-        client.username_pw_set(cfg.username, cfg.password(name))
+        client.username_pw_set(cfg.username, password(cfg, name))
     if cfg.tls is not None:
         client.tls_set_context(tls_context(cfg, name))
     if will is not None:
@@ -87,15 +88,3 @@ def is_failure(reason_code: object) -> bool:
     """A v5 reason code >= 0x80 is a failure. 16 ("No matching subscribers") is a success."""
     is_fail = getattr(reason_code, "is_failure", None)
     return bool(is_fail) if is_fail is not None else False
-
-
-def preflight(cfg: Config, *, credentials: bool = True) -> None:
-    """Read every password and load every TLS file now, so a bad path fails at start naming its key.
-
-    `credentials=False` skips systemd credentials (check-config run by hand, outside the service).
-    """
-    for name, broker in (("source", cfg.source), ("sink", cfg.sink)):
-        if broker.username is not None and (credentials or broker.password_credential is None):
-            broker.password(name)
-        if broker.tls is not None:
-            tls_context(broker, name)

@@ -13,7 +13,8 @@ import time
 
 import structlog
 
-from .config import BrokerConfig, read_file
+from .config import BrokerConfig
+from .credentials import read_file
 from .errors import ConfigError
 
 log = structlog.get_logger(__name__)

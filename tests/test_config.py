@@ -12,7 +12,7 @@ import pytest
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from edge_agent import config
+from edge_agent import config, credentials
 from edge_agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,7 +100,7 @@ def test_password_read_from_file(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     cfg = load_text(tmp_path, f'[sink]\nusername = "u"\npassword_file = "{pw}"\n' + ROUTE)
-    assert cfg.sink.password("sink") == "s3cret"
+    assert credentials.password(cfg.sink, "sink") == "s3cret"
     assert "s3cret" not in repr(cfg)
 
 
@@ -163,7 +163,6 @@ MODEL_TASKS = {
     "log_template": {},
     "patterns": {},
 }
-SECTION_MODELS = {"source", "sink", "tls", "outbox", "pipeline", "log"}
 
 
 def _base() -> dict:

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent import config
+from edge_agent.credentials import password, preflight
 from edge_agent.errors import ConfigError
-from edge_agent.mqtt import preflight
 
 from .conftest import REPO, Broker, free_port, wait_for, write_config
 
@@ -118,7 +118,7 @@ def test_config_keeps_only_where_the_secret_is(tmp_path, monkeypatch) -> None:
     )
     cfg = config.load(p, environ={})
     env = {"CREDENTIALS_DIRECTORY": str(tmp_path / "creds")}
-    assert cfg.source.password("source") == secret and cfg.sink.password("sink", env) == secret
+    assert password(cfg.source, "source") == secret and password(cfg.sink, "sink", env) == secret
     for shown in (repr(cfg), str(cfg), cfg.model_dump_json(), repr(cfg.model_dump())):
         assert secret not in shown
     assert "uplink" in cfg.model_dump_json()  # the credential's name is what is kept
