@@ -1,9 +1,9 @@
 """Building paho clients the same way for source and sink: protocol, TLS, credentials, limits.
 
-`name` ("source" or "sink") names the connection in errors and logs.
 paho traps handled here, once: `max_*_set` must be called before `connect()`; MQTT 5 session
 persistence is `clean_start=False` on *every* connect (paho's default only keeps the first one clean),
-while 3.1.1 spells it `clean_session=False` in the constructor.
+while 3.1.1 spells it `clean_session=False` in the constructor. `name` ("source" or "sink") names the
+connection in errors and logs.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ config's repr or dump (only the path or credential name is kept).
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 import subprocess
@@ -158,3 +159,20 @@ def test_check_config_reads_password_files(tmp_path) -> None:
         capture_output=True, text=True, cwd=REPO, timeout=60,
     )  # fmt: skip
     assert r.returncode == 2 and "source.password_file" in r.stderr and "cannot read" in r.stderr, r.stderr
+
+
+def test_check_config_outside_the_service_notes_unchecked_credentials(tmp_path) -> None:
+    p = tmp_path / "c.toml"
+    p.write_text('[sink]\nusername = "u"\npassword_credential = "uplink"\n' + ROUTE)
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check-config", "--config", str(p)],
+        capture_output=True, text=True, cwd=REPO, timeout=60, env=env,
+    )  # fmt: skip
+    assert r.returncode == 0 and "password_credential not checked" in r.stdout, r.stderr
+    env["CREDENTIALS_DIRECTORY"] = str(tmp_path)  # inside the service: checked, and missing
+    r = subprocess.run(
+        [sys.executable, "-m", "edge_agent", "check-config", "--config", str(p)],
+        capture_output=True, text=True, cwd=REPO, timeout=60, env=env,
+    )  # fmt: skip
+    assert r.returncode == 2 and "sink.password_credential" in r.stderr and "cannot read" in r.stderr, r.stderr
