@@ -58,10 +58,9 @@ def test_rate_limit_dead_letters_the_excess_and_other_routes_flow(tmp_path, brok
     assert wait_for(lambda: notes_accounted() >= 200 and len(_by_topic(out.json(), "logs")) >= 21, 60)
     elapsed = time.monotonic() - t_start
     ok, dead = _by_topic(out.json(), "notes"), _by_topic(dlq.json(), "notes")
-    # Nothing lost: each runaway note is a result or a dead letter, exactly once (no reconnect happened).
-    assert sorted(
-        [r["input_id"] for r in ok] + [json.loads(base64.b64decode(d["payload_b64"]))["id"] for d in dead]
-    ) == sorted(f"n{i}" for i in range(200))
+    # Nothing lost: each runaway note came out as a result or a dead letter (a redelivery may repeat one).
+    ids = [r["input_id"] for r in ok] + [json.loads(base64.b64decode(d["payload_b64"]))["id"] for d in dead]
+    assert set(ids) == {f"n{i}" for i in range(200)}
     assert 5 <= len(ok) <= 5 + 5 * elapsed + 1, (len(ok), elapsed)
     assert {d["reason"] for d in dead} == {"rate limit: route plant/+/notes over 5 msg/s"}
     assert agent.agent.pipeline.over_limit["plant/+/notes"] == len(dead)
