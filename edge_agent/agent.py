@@ -27,6 +27,7 @@ import structlog
 from pydantic import BaseModel
 
 from .config import Config
+from .credentials import preflight
 from .errors import ConfigError
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
@@ -58,6 +59,7 @@ class Agent:
 
     def start(self) -> None:
         cfg = self.cfg
+        preflight(cfg)  # passwords and TLS files: a bad path fails here, before anything starts
         self.outbox_lock.acquire()  # one daemon per outbox; `edge-agent outbox purge` checks it too
         self.outbox.open()
         # Members of a share group run under one gateway id: the default sink id follows the member's own.

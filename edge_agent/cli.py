@@ -22,11 +22,17 @@ def _fail_config(e: ConfigError) -> int:
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     from . import config
+    from .credentials import preflight
 
     try:
         cfg = config.load(args.config)
+        # Outside the service there are no systemd credentials to read: say so rather than fail.
+        has_creds = bool(os.environ.get("CREDENTIALS_DIRECTORY"))
+        preflight(cfg, credentials=has_creds)
     except ConfigError as e:
         return _fail_config(e)
+    if not has_creds and any(b.password_credential for b in (cfg.source, cfg.sink)):
+        print("note: password_credential not checked (CREDENTIALS_DIRECTORY is set only inside the service)")
     print(
         f"{args.config}: ok (gateway {cfg.gateway_id!r}, {len(cfg.routes)} route(s), "
         f"source {cfg.source.host}:{cfg.source.port}, sink {cfg.sink.host}:{cfg.sink.port})"

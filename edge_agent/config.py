@@ -11,12 +11,13 @@ parse (``1884``, ``true``, ``"x"``), else taken as strings. Routes and tasks com
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -58,7 +59,13 @@ class BrokerConfig(_Frozen):
     client_id: str | None = Field(None, min_length=1, max_length=64)
     keepalive: int = Field(30, ge=5, le=65535, description="seconds; a dead link is noticed after 1.5x")
     username: str | None = None
-    password_file: Path | None = None
+    password_file: Path | None = Field(None, description="file holding the password (only the path is kept)")
+    password_credential: str | None = Field(
+        None,
+        min_length=1,
+        pattern=r"^[A-Za-z0-9_.@-]+$",
+        description="systemd credential name (LoadCredential=NAME:...): read from $CREDENTIALS_DIRECTORY/NAME",
+    )
     tls: TLSConfig | None = None
     session_expiry: int = Field(
         7 * 24 * 3600, ge=0, description="seconds the broker keeps our session (MQTT 5) after a disconnect"
@@ -76,15 +83,12 @@ class BrokerConfig(_Frozen):
     def _delays(self) -> BrokerConfig:
         if self.reconnect_max_delay < self.reconnect_min_delay:
             raise ValueError("reconnect_max_delay must be >= reconnect_min_delay")
-        if self.password_file is not None and self.username is None:
-            raise ValueError("password_file is set but username is not: set username too")
+        secret = "password_file" if self.password_file is not None else "password_credential"
+        if self.password_file is not None and self.password_credential is not None:
+            raise ValueError("set password_file or password_credential, not both")
+        if getattr(self, secret) is not None and self.username is None:
+            raise ValueError(f"{secret} is set but username is not: set username too")
         return self
-
-    def password(self) -> str | None:
-        """Read the password from its file (trailing newline stripped). Never logged."""
-        if self.password_file is None:
-            return None
-        return self.password_file.read_text(encoding="utf-8").rstrip("\r\n")
 
 
 class SourceConfig(BrokerConfig):
@@ -124,6 +128,14 @@ class SinkConfig(BrokerConfig):
     )
     replay_burst: int = Field(100, ge=1)
     status_topic: str = Field("edge/status/{gateway}", min_length=1)
+
+    @field_validator("status_topic")
+    @classmethod
+    def _status_concrete(cls, v: str) -> str:
+        # paho raises on a wildcard inside its network thread, which would stop the sink's connection for good.
+        if _TOPIC_WILDCARDS.search(v):
+            raise ValueError("status_topic must not contain '+' or '#'")
+        return v
 
 
 class OutboxConfig(_Frozen):
@@ -258,6 +270,24 @@ class RouteConfig(_Frozen):
         None, min_length=1, description="also publish each result here, retained: the latest one per {asset}"
     )
     tasks: tuple[str, ...] = ()
+    max_payload_bytes: int | None = Field(
+        None, ge=16, le=256 * 1024 * 1024, description="overrides pipeline.max_payload_bytes for this route"
+    )
+    rate_limit: float | None = Field(
+        None, gt=0, description="messages/s this route processes; more are dead-lettered (default unlimited)"
+    )
+    rate_burst: int | None = Field(None, ge=1, description="messages allowed at once; default one second's worth")
+
+    @model_validator(mode="after")
+    def _burst_needs_rate(self) -> RouteConfig:
+        if self.rate_burst is not None and self.rate_limit is None:
+            raise ValueError("rate_burst is set but rate_limit is not: set rate_limit (messages/s) too")
+        return self
+
+    @property
+    def burst(self) -> int:
+        """Token bucket size: rate_burst, else one second's worth of messages."""
+        return self.rate_burst or max(1, math.ceil(self.rate_limit or 1))
 
     @field_validator("text_metric", mode="before")
     @classmethod
@@ -370,6 +400,7 @@ class Config(_Frozen):
 
 
 BUILTIN_TASKS: dict[str, PatternsTaskConfig] = {"patterns": PatternsTaskConfig()}
+_TASK_KINDS = {get_args(m.model_fields["kind"].annotation)[0] for m in get_args(get_args(TaskConfig)[0])}
 
 _HINTS = {
     "missing": "add this key",
@@ -387,11 +418,27 @@ _HINTS = {
     "string_pattern_mismatch": "use letters, digits, '.', '_' or '-' only",
     "too_short": "add at least one entry (e.g. one [[routes]] table)",
     "union_tag_invalid": "set kind to a known task kind: patterns, classifier, tagger, generator or log_template",
+    "int_from_float": "use a whole number",
+    "float_type": "use a number",
+    "finite_number": "use a finite number (not nan or inf)",
+    "bool_type": "use true or false",
+    "less_than": "lower the value",
+    "string_too_long": "shorten the value",
+    "too_long": "use fewer entries",
+    "path_type": 'use a quoted file path, e.g. "/etc/edge-agent/ca.pem"',
+    "tuple_type": 'use a list, e.g. ["a", "b"]',
+    "list_type": 'use a list, e.g. ["a", "b"]',
+    "dict_type": 'use a table of name = "value" pairs, e.g. { a = "x" }',
+    "model_type": "make it a [section] table of keys, not a single value",
+    "model_attributes_type": "make it a [section] table of keys, not a single value",
 }
 
 
+GENERIC_HINT = "see configs/ for a working example"
+
 _FIELD_HINTS = {
     ("routes", "missing"): 'add at least one [[routes]] table, e.g. topic = "plant/+/notes"',
+    ("routes", "tuple_type"): 'write each route as a [[routes]] table, e.g. topic = "plant/+/notes"',
 }
 
 
@@ -422,9 +469,12 @@ def parse(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Con
         return Config.model_validate(data)
     except ValidationError as e:
         err = e.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        loc = err["loc"]
+        if loc[:1] == ("tasks",) and len(loc) > 3 and loc[2] in _TASK_KINDS:
+            loc = loc[:2] + loc[3:]  # pydantic puts the union's tag in the path: tasks.x.classifier.model
+        field = ".".join(str(p) for p in loc) or "(top level)"
         msg = err["msg"].removeprefix("Value error, ")
-        hint = _FIELD_HINTS.get((field, err["type"])) or _HINTS.get(err["type"], "see configs/ for a working example")
+        hint = _FIELD_HINTS.get((field, err["type"])) or _HINTS.get(err["type"], GENERIC_HINT)
         raise ConfigError(field, msg, hint) from None
 
 

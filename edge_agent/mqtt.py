@@ -2,13 +2,13 @@
 
 paho traps handled here, once: `max_*_set` must be called before `connect()`; MQTT 5 session
 persistence is `clean_start=False` on *every* connect (paho's default only keeps the first one clean),
-while 3.1.1 spells it `clean_session=False` in the constructor.
+while 3.1.1 spells it `clean_session=False` in the constructor. `name` ("source" or "sink") names the
+connection in errors and logs.
 """
 
 from __future__ import annotations
 
 import logging
-import ssl
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -17,7 +17,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from .config import BrokerConfig
-from .errors import ConfigError
+from .credentials import password
+from .tls import tls_context
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +32,7 @@ def make_client(
     cfg: BrokerConfig,
     client_id: str,
     *,
+    name: str,
     persistent: bool,
     manual_ack: bool = False,
     inflight: int = 20,
@@ -49,26 +51,9 @@ def make_client(
     client.max_queued_messages_set(0)  # unbounded: our own window keeps paho's queue small
     client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
     if cfg.username is not None:
-        try:
-            password = cfg.password()
-        except OSError as e:
-            raise ConfigError(
-                "password_file",
-                f"cannot read {cfg.password_file}: {e.strerror}",
-                "make the file readable by the service user",
-            ) from None
-        client.username_pw_set(cfg.username, password)
+        client.username_pw_set(cfg.username, password(cfg, name))
     if cfg.tls is not None:
-        tls = cfg.tls
-        try:
-            ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=tls.ca_file)
-            if tls.cert_file is not None:
-                ctx.load_cert_chain(tls.cert_file, tls.key_file)
-        except (OSError, ssl.SSLError) as e:
-            raise ConfigError("tls", f"cannot load TLS files: {e}", "check ca_file, cert_file and key_file") from None
-        if tls.insecure:
-            ctx.check_hostname = False
-        client.tls_set_context(ctx)
+        client.tls_set_context(tls_context(cfg, name))
     if will is not None:
         client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
     return client
@@ -87,6 +72,16 @@ def connect_async(
         client.connect_async(cfg.host, cfg.port, cfg.keepalive, clean_start=not persistent, properties=props)
     else:
         client.connect_async(cfg.host, cfg.port, cfg.keepalive)
+
+
+def refused_hint(name: str, reason_code: object) -> str:
+    """The likely fix for a CONNECT the broker refused (MQTT 5 reason codes; paho maps 3.1.1 onto them)."""
+    value = getattr(reason_code, "value", None)
+    if value in (0x86, 0x87):  # bad user name or password, not authorized
+        return f"check {name}.username and its password (password_file or password_credential), and the broker's ACL"
+    if value == 0x85:
+        return f"set {name}.client_id to one the broker accepts"
+    return "see the broker's log"
 
 
 def is_failure(reason_code: object) -> bool:

@@ -27,6 +27,7 @@ from .errors import DecodeError
 from .outbox import Outbox
 from .processors import Note, Task, progress
 from .results import deadletter_payload, output_topic, result_id, result_payload, retained
+from .sink import TokenBucket
 from .source import Inbound
 from .uns import first_asset, segments
 
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
 log = structlog.get_logger(__name__)
 
 _STOP = object()
+MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
 
 
 @dataclass(slots=True)
@@ -63,8 +65,10 @@ class Pipeline:
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
         self._batch_lock = threading.Lock()  # held while a batch runs; swap() takes it between batches
+        self._buckets = _buckets(cfg)
         self.processed = 0
         self.dead_lettered = 0
+        self.over_limit: Counter[str] = Counter()  # route topic -> messages dead-lettered by its rate limit
         self.ignored = 0  # valid payloads that hold no note (a Sparkplug DDATA of measurements only)
         self._metrics = metrics
         self.last_progress = time.monotonic()
@@ -109,53 +113,15 @@ class Pipeline:
             for route in routes:
                 routes_in[route.topic if route is not None else ""] += 1
                 try:
-                    if route is None:
-                        raise DecodeError(f"no route matches topic {item.topic!r}")
-                    decoded = decode_notes(
-                        item.payload,
-                        item.topic,
-                        route,
-                        max_bytes=self._limits.max_payload_bytes,
-                        max_depth=self._limits.max_json_depth,
-                    )
+                    pendings = self._admit(item, route)
                 except DecodeError as e:
-                    rid = result_id(gw, item.topic, self._cfg.dead_letter_topic, None, item.payload)
-                    rows.append(
-                        (
-                            rid,
-                            self._cfg.dead_letter_topic,
-                            deadletter_payload(
-                                rid=rid,
-                                topic=item.topic,
-                                received_at=item.received_at,
-                                reason=e.reason,
-                                payload=item.payload,
-                                gateway=gw,
-                            ),
-                        )
-                    )
-                    lines.append(
-                        {
-                            "topic": item.topic,
-                            "input_id": None,
-                            "result_id": rid,
-                            "outcome": "deadletter",
-                            "reason": e.reason,
-                            "t0": item.received_at,
-                        }
-                    )
-                    self.dead_lettered += 1
+                    rows.append(self._dead_letter(item, e.reason, lines))
                     reasons.append(e.reason)
                     continue
-                if not decoded:
+                if not pendings:
                     self.ignored += 1
                     lines.append({"topic": item.topic, "input_id": None, "outcome": "ignored", "t0": item.received_at})
-                levels = segments(route.topic_segments, item.topic) if route.topic_segments else None
-                out = output_topic(route.output_topic, item.topic, gw, levels)
-                for text, input_id in decoded:
-                    rid = result_id(gw, item.topic, out, input_id, item.payload)
-                    note = Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at)
-                    by_route[id(route)].append(_Pending(item, route, rid, out, note, levels))
+                by_route[id(route)].extend(pendings)
 
         for pendings in by_route.values():
             route = pendings[0].route
@@ -222,6 +188,55 @@ class Pipeline:
         topic = output_topic(template, p.item.topic, gw, {**(p.levels or {}), "asset": asset})
         return [(result_id(gw, p.item.topic, topic, p.note.input_id, p.item.payload), retained(topic), payload)]
 
+    def _admit(self, item: Inbound, route: RouteConfig | None) -> list[_Pending]:
+        """Check one (message, route) against the route's limits and decode it into its notes: none for a
+        valid payload without one (a Sparkplug DDATA of measurements only). DecodeError says why not."""
+        if route is None:
+            raise DecodeError(f"no route matches topic {item.topic!r}")
+        bucket = self._buckets.get(id(route))
+        if bucket is not None and not bucket.take(1):
+            # Before decode: a runaway publisher costs one dead-letter row each, never model time.
+            self.over_limit[route.topic] += 1
+            raise DecodeError(f"rate limit: route {route.topic} over {route.rate_limit:g} msg/s")
+        decoded = decode_notes(
+            item.payload,
+            item.topic,
+            route,
+            max_bytes=route.max_payload_bytes or self._limits.max_payload_bytes,
+            max_depth=self._limits.max_json_depth,
+        )
+        gw = self._cfg.gateway_id
+        levels = segments(route.topic_segments, item.topic) if route.topic_segments else None
+        out = output_topic(route.output_topic, item.topic, gw, levels)
+        longest = max(out, output_topic(route.review_topic or "", item.topic, gw, levels), key=len).encode()
+        if len(longest) > MAX_TOPIC_BYTES:  # paho would refuse to publish it, and the row would block the sink
+            raise DecodeError(f"output topic too long: {len(longest)} bytes, MQTT allows {MAX_TOPIC_BYTES}")
+        return [
+            _Pending(item, route, result_id(gw, item.topic, out, input_id, item.payload), out,
+                     Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at), levels)
+            for text, input_id in decoded
+        ]
+
+    def _dead_letter(self, item: Inbound, reason: str, lines: list[dict]) -> tuple[str, str, bytes]:
+        """The outbox row for a message that cannot be processed, and its log line. Nothing is lost."""
+        gw, topic = self._cfg.gateway_id, self._cfg.dead_letter_topic
+        rid = result_id(gw, item.topic, topic, None, item.payload)
+        payload = deadletter_payload(
+            rid=rid, topic=item.topic, received_at=item.received_at, reason=reason, payload=item.payload, gateway=gw
+        )
+        lines.append(
+            {
+                "topic": item.topic,
+                "input_id": None,
+                "result_id": rid,
+                "outcome": "deadletter",
+                "reason": reason,
+                "t0": item.received_at,
+            }
+        )
+        self.dead_lettered += 1
+        return rid, topic, payload
+
     def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
         """A task that fails on a batch yields an error entry per note rather than losing the batch."""
         try:
@@ -269,7 +284,7 @@ class Pipeline:
         runs with the new set. Nothing is acked twice or skipped: acks follow each batch's commit as ever.
         """
         with self._batch_lock:
-            self._cfg, self._limits, self._tasks = cfg, cfg.pipeline, tasks
+            self._cfg, self._limits, self._tasks, self._buckets = cfg, cfg.pipeline, tasks, _buckets(cfg)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edge-agent-pipeline", daemon=True)
@@ -284,3 +299,8 @@ class Pipeline:
         self._stopping.set()  # past the deadline: abandon a batch stuck in retries
         self._thread.join(1.0)
         return not self._thread.is_alive()
+
+
+def _buckets(cfg: Config) -> dict[int, TokenBucket]:
+    """A token bucket per rate-limited route (a reload starts them full again)."""
+    return {id(r): TokenBucket(r.rate_limit, r.burst) for r in cfg.routes if r.rate_limit}

@@ -43,9 +43,11 @@ _RETAIN = "\0"
 
 
 def output_topic(template: str, topic: str, gateway: str, fields: Mapping[str, str] | None = None) -> str:
-    """Fill a topic template. `fields` (named inbound levels, the asset) each fill exactly one level."""
+    """Fill a topic template. `fields` (named inbound levels, the asset) each fill exactly one level.
+    The inbound topic is text a publisher chose: braces in it (`plant/{gateway}/x`, `{0.__class__}`) must
+    come out as they went in, never filled or formatted, so `{topic}` is filled last (or in one pass)."""
     if not fields:
-        return template.replace("{topic}", topic).replace("{gateway}", gateway)
+        return template.replace("{gateway}", gateway).replace("{topic}", topic)
     values = {**{k: topic_level(v) for k, v in fields.items()}, "topic": topic, "gateway": gateway}
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), "_"), template)
 

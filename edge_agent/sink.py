@@ -24,7 +24,7 @@ import structlog
 
 from . import __version__
 from .config import SinkConfig
-from .mqtt import Will, connect_async, is_failure, make_client
+from .mqtt import Will, connect_async, is_failure, make_client, refused_hint
 from .outbox import Outbox, Record
 from .results import mark_replayed, split_retain
 
@@ -63,6 +63,7 @@ class Sink:
         self._client = make_client(
             cfg,
             client_id,
+            name="sink",
             persistent=False,
             inflight=cfg.inflight,
             will=Will(self.status_topic, self._status(False)),
@@ -101,7 +102,13 @@ class Sink:
     # paho callbacks ---------------------------------------------------------------------------
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
         if is_failure(rc):
-            log.error("sink.connect_refused", reason=str(rc), host=self._cfg.host, port=self._cfg.port)
+            log.error(
+                "sink.connect_refused",
+                reason=str(rc),
+                host=self._cfg.host,
+                port=self._cfg.port,
+                hint=refused_hint("sink", rc),
+            )
             return
         client.publish(self.status_topic, self._status(True), qos=1, retain=True)
         self._new_connection = True

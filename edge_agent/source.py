@@ -17,7 +17,7 @@ import paho.mqtt.client as mqtt
 import structlog
 
 from .config import RouteConfig, SourceConfig
-from .mqtt import connect_async, is_failure, make_client
+from .mqtt import connect_async, is_failure, make_client, refused_hint
 
 log = structlog.get_logger(__name__)
 
@@ -37,7 +37,7 @@ class Source:
         self._filters = sorted({r.topic for r in routes})
         self._stale: set[str] = set()  # removed by a reload while disconnected: unsubscribe on connect
         self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
-        self._client = make_client(cfg, client_id, persistent=True, manual_ack=True)
+        self._client = make_client(cfg, client_id, name="source", persistent=True, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
@@ -52,7 +52,13 @@ class Source:
     # paho callbacks (run on paho's network thread; must not block) ------------------------------
     def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
         if is_failure(rc):
-            log.error("source.connect_refused", reason=str(rc), host=self._cfg.host, port=self._cfg.port)
+            log.error(
+                "source.connect_refused",
+                reason=str(rc),
+                host=self._cfg.host,
+                port=self._cfg.port,
+                hint=refused_hint("source", rc),
+            )
             return
         if self._cfg.share_group:
             # A session from before the group was configured may still hold the plain filters: with them,

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Literal, get_args, get_origin
 
 import pytest
+from pydantic import BaseModel
+from pydantic.fields import FieldInfo
 
-from edge_agent import config
+from edge_agent import config, credentials
 from edge_agent.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -48,9 +52,10 @@ def test_defaults_and_frozen(tmp_path: Path) -> None:
         ('[[routes]]\ntopic = "a"\noutput_topic = "out/+"\n', "routes.0.output_topic", ""),
         ('gateway_id = "gw 1"\n' + ROUTE, "gateway_id", "letters, digits"),
         ('dead_letter_topic = "dl/#"\n' + ROUTE, "dead_letter_topic", ""),
+        ('[sink]\nstatus_topic = "edge/+/status"\n' + ROUTE, "sink.status_topic", ""),
         (
             '[tasks.p]\nkind = "patterns"\nasset_patterns = ["(unclosed"]\n' + ROUTE,
-            "tasks.p.patterns.asset_patterns",
+            "tasks.p.asset_patterns",
             "",
         ),
         ('[tasks.p]\nkind = "llm"\n' + ROUTE, "tasks.p", "kind"),
@@ -95,7 +100,7 @@ def test_password_read_from_file(tmp_path: Path) -> None:
     pw = tmp_path / "pw"
     pw.write_text("s3cret\n")
     cfg = load_text(tmp_path, f'[sink]\nusername = "u"\npassword_file = "{pw}"\n' + ROUTE)
-    assert cfg.sink.password() == "s3cret"
+    assert credentials.password(cfg.sink, "sink") == "s3cret"
     assert "s3cret" not in repr(cfg)
 
 
@@ -148,3 +153,106 @@ labels = {{ a = "x", b = "y" }}
     r = run_cli("run", "--config", str(p))
     assert r.returncode == 2, r.stderr
     assert "tasks.category" in r.stderr and "models build" in r.stderr
+
+
+# -- every field, an invalid value: the error names its path and says how to fix it ---------------------
+MODEL_TASKS = {
+    "classifier": {"model": "/m", "labels": {"a": "x", "b": "y"}},
+    "tagger": {"model": "/m", "head": "/h"},
+    "generator": {"model": "/m"},
+    "log_template": {},
+    "patterns": {},
+}
+
+
+def _base() -> dict:
+    tasks = {kind: {"kind": kind, **extra} for kind, extra in MODEL_TASKS.items()}
+    return {"routes": [{"topic": "a/+/b"}], "tasks": tasks, "source": {"tls": {}}, "sink": {"tls": {}}}
+
+
+def _model_of(annotation: object) -> type[BaseModel] | None:
+    for arg in (annotation, *get_args(annotation)):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+    return None
+
+
+def _leaves(model: type[BaseModel], path: tuple) -> Iterator[tuple[tuple, FieldInfo]]:
+    """Every field reachable from `model`: sections recursed into, plus the sections themselves."""
+    for name, f in model.model_fields.items():
+        if name == "kind":
+            continue  # the discriminator: covered by the union_tag_invalid case in test_invalid_field_named_with_fix
+        if name == "tasks" and model is config.Config:
+            for kind in MODEL_TASKS:
+                task_model = next(
+                    m for m in get_args(get_args(config.TaskConfig)[0]) if kind in repr(m.model_fields["kind"])
+                )
+                yield from _leaves(task_model, (*path, "tasks", kind))
+            continue
+        if name == "routes":
+            yield (*path, name), f
+            yield from _leaves(config.RouteConfig, (*path, name, 0))
+            continue
+        sub = _model_of(f.annotation)
+        yield (*path, name), f
+        if sub is not None:
+            yield from _leaves(sub, (*path, name))
+
+
+def _invalid_values(f: FieldInfo) -> list[object]:
+    """A wrong type for the field, plus one value past each of its limits."""
+    ann = f.annotation
+    args = [a for a in (ann, *get_args(ann)) if a is not type(None)]
+    wrong: object
+    if _model_of(ann) is not None:
+        wrong = 5
+    elif bool in args:
+        wrong = "maybe"
+    elif int in args or float in args:
+        wrong = "many"
+    elif any(get_origin(a) is Literal for a in args):
+        wrong = "bogus"
+    elif any(get_origin(a) in (tuple, dict) for a in args):
+        wrong = 5
+    else:  # str, Path
+        wrong = [1]
+    values = [wrong]
+    for m in f.metadata:
+        for attr, delta in (("ge", -1), ("gt", 0), ("le", 1), ("lt", 0)):
+            if (bound := getattr(m, attr, None)) is not None:
+                values.append(bound + delta)
+        if getattr(m, "min_length", None):
+            values.append("" if str in args else [])
+        if (n := getattr(m, "max_length", None)) is not None:
+            values.append("x" * (n + 1))
+        if getattr(m, "pattern", None):
+            values.append("no spaces/or slashes allowed!")
+    return values
+
+
+def _set(data: dict, path: tuple, value: object) -> dict:
+    node = data
+    for part in path[:-1]:
+        node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+    node[path[-1]] = value
+    return data
+
+
+FIELD_CASES = [
+    (".".join(map(str, path)), path, v) for path, f in _leaves(config.Config, ()) for v in _invalid_values(f)
+]
+
+
+def test_the_walk_covers_the_model() -> None:
+    paths = {p for p, _path, _v in FIELD_CASES}
+    assert {"source.port", "sink.tls.ca_file", "routes.0.rate_limit", "tasks.classifier.threshold",
+            "tasks.generator.fields", "pipeline.max_json_depth", "log.level", "gateway_id"} <= paths  # fmt: skip
+    assert len(FIELD_CASES) > 150
+
+
+@pytest.mark.parametrize(("field", "path", "value"), FIELD_CASES, ids=[f"{p}={v!r}"[:60] for p, _, v in FIELD_CASES])
+def test_every_field_invalid_names_its_path_and_a_fix(field: str, path: tuple, value: object) -> None:
+    with pytest.raises(ConfigError) as ei:
+        config.parse(_set(_base(), path, value), environ={})
+    assert ei.value.field == field, str(ei.value)
+    assert ei.value.hint and ei.value.hint != config.GENERIC_HINT, str(ei.value)
