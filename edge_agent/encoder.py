@@ -53,6 +53,7 @@ class Encoder:
         except (RuntimeError, ValueError) as e:
             raise ModelError(f"CTranslate2 could not load {self.model_dir}: {e}") from e
         self.dim = int(np.asarray(self._model.forward_batch([[0]]).last_hidden_state).shape[-1])
+        self._last: tuple[Any, np.ndarray] | None = None  # (texts, embeddings) of the last embed() call
 
     def _forward(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
         """Right-padded ids → last_hidden_state [batch, max_len, dim]; padded positions are garbage."""
@@ -77,8 +78,21 @@ class Encoder:
         return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-        """[len(texts), dim] float32: mean over the tokens (specials included, as sentence-transformers
-        does), L2-normalised. A text with no tokens at all gets a zero vector."""
+        """[len(texts), dim] float32 (read-only): mean over the tokens (specials included, as
+        sentence-transformers does), L2-normalised. A text with no tokens at all gets a zero vector.
+
+        The last call's result is kept: tasks on one route that share this encoder (a category and an
+        urgency classifier) get the batch's embeddings from the first of them, not one forward pass each."""
+        key = (texts if isinstance(texts, str) else tuple(texts), batch_size)
+        last = self._last
+        if last is not None and last[0] == key:
+            return last[1]
+        out = self._embed(texts, batch_size)
+        out.setflags(write=False)
+        self._last = (key, out)
+        return out
+
+    def _embed(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
         encodings = self._encode(texts)
         out = np.zeros((len(encodings), self.dim), dtype=np.float32)
         for idx in self._batches(encodings, batch_size):

@@ -224,3 +224,20 @@ def test_encoder_reports_progress_per_sub_batch(encoder) -> None:
     assert len(beats) == 3  # ceil(70 / 32) sub-batches
     encoder.embed(texts[:5])  # outside the pipeline: a no-op, nothing raised
     assert len(beats) == 3
+
+
+def test_tasks_sharing_an_encoder_embed_a_batch_once(encoder, head_path) -> None:
+    """Two classifiers on one route (category + urgency) share the batch's forward passes."""
+    from edge_agent.processors import progress
+
+    category = task(encoder, head_path)
+    urgency = task(encoder, labels={"high": "urgent, line stopped", "low": "routine check, all ok"})
+    batch = notes([f"conveyor C-{i} belt slipping, {i} mm/s" for i in range(40)])
+    passes: list[int] = []
+    with progress(lambda: passes.append(1)):
+        first = category.process(batch)
+        urgency.process(batch)
+        assert len(passes) == 2  # ceil(40 / 32) forward passes for both tasks together
+        category.process(batch[:39])  # other texts: encoded again
+        assert len(passes) == 4
+    assert category.process(batch) == first  # the kept embeddings give the same answers
