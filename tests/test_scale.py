@@ -22,7 +22,7 @@ from paho.mqtt.properties import Properties
 from edge_agent import config
 from edge_agent.errors import ConfigError
 
-from .conftest import Broker, wait_for
+from .conftest import Broker, Collector, wait_for
 from .test_e2e import Running
 
 ROUTE = {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"]}
@@ -72,6 +72,8 @@ class Member:
             clean_session=None if v5 else False,
             manual_ack=True,
         )
+        # The broker publishes the will when it notices the connection is gone: tests wait for it.
+        self.client.will_set(f"will/{client_id}", b"gone", qos=1)
         self.client.on_connect = lambda c, *_: c.subscribe(topic, qos=1)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
@@ -118,7 +120,13 @@ def test_mosquitto_keeps_a_dead_members_share_in_its_session(
     assert wait_for(lambda: len(dead.got) + len(live.got) >= 20)
     in_flight = set(dead.got)
     assert in_flight, "the round robin gave the first member nothing"
+    wills = Collector(broker.port, "will/#")
+    assert wills.subscribed.wait(10)
     dead.crash()
+    # Publish on only once the broker has noticed the crash (its will is out): a message routed to the
+    # member in between is in flight on a dead socket, held (persistent session) or gone (expiry 0).
+    assert wait_for(lambda: bool(wills.messages), timeout=30)
+    wills.close()
     for i in range(20, 60):
         pub.publish("t/x", str(i))
     # At least its half of the 40 (all of them when the dead session ended), then a chance for more.
