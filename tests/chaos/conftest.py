@@ -1,0 +1,134 @@
+"""The chaos rig: a source broker that persists every change, an uplink broker behind a FaultProxy, a
+consumer on the uplink (never faulted itself), the agent as a real subprocess, and a steady feeder.
+
+    producer ──► source broker ──► agent (subprocess) ──► FaultProxy ──► uplink broker ──► consumer
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from ..conftest import AgentProcess, Broker, Collector, wait_for, write_config
+from .harness import Feeder, Verdict, events, judge, read_log, report
+from .proxy import FaultProxy
+
+
+class Rig:
+    def __init__(self, tmp: Path, spawn: Callable[[Path, Path], AgentProcess], collect: Callable[..., Collector]):
+        self.tmp = tmp
+        self._spawn = spawn
+        self.source = Broker(tmp / "source")
+        # Save after every change: what the broker PUBACKed must survive its SIGKILL.
+        self.source.conf.write_text(self.source.conf.read_text() + "autosave_on_changes true\n")
+        self.source.start()
+        self.uplink = Broker(tmp / "uplink").start()
+        self.proxy = FaultProxy(self.uplink.port).start()
+        self.out = collect(self.uplink.port, "edge/results/#")
+        self.outbox = tmp / "outbox.db"
+        self.log = tmp / "agent.log"
+        self.cfg = tmp / "agent.toml"
+        self.agent: AgentProcess | None = None
+        self.feeders: list[Feeder] = []
+        self.restarts = 0  # agent starts after the first
+        self.configure()
+
+    def configure(self, *, replay_rate: float = 1000, extra: str = "") -> None:
+        """Write the agent's config: keepalive 5 s on both sides, reconnect delays 0.1-0.5 s, the sink
+        through the proxy, logs at info (one JSON line per message: the agent's own counters)."""
+        write_config(self.cfg, source_port=self.source.port, sink_port=self.proxy.port, outbox=self.outbox,
+                     extra=extra or "[pipeline]\ndrain_timeout_s = 2")
+        text = self.cfg.read_text().replace('level = "warning"', 'level = "info"')
+        self.cfg.write_text(text.replace("replay_rate = 2000", f"replay_rate = {replay_rate}"))
+
+    # the agent ------------------------------------------------------------------------------------
+    def lines(self) -> list[dict]:
+        return read_log(self.log)
+
+    def count(self, event: str) -> int:
+        return len(events(self.lines(), event))
+
+    def start_agent(self, wait_source: bool = True) -> AgentProcess:
+        """Start the daemon; by default wait until its source session is connected and subscribed."""
+        if self.agent is not None:
+            self.restarts += 1
+        before = self.count("source.connected")
+        self.agent = self._spawn(self.cfg, self.log)
+        if wait_source:
+            assert wait_for(lambda: self.count("source.connected") > before or not self.agent.alive(), 30)
+            assert self.agent.alive(), self.log.read_text()[-3000:]
+            time.sleep(0.3)  # the SUBSCRIBE goes out on connect; let its SUBACK land
+        return self.agent
+
+    def stop_agent(self) -> dict:
+        """SIGTERM; assert a clean exit (0) and return the agent's `agent.stopped` line."""
+        assert self.agent is not None and self.agent.alive(), "the daemon died: " + self.log.read_text()[-3000:]
+        n = self.count("agent.stopped")
+        assert self.agent.kill(signal.SIGTERM) == 0, self.log.read_text()[-3000:]
+        stopped = events(self.lines(), "agent.stopped")
+        assert len(stopped) == n + 1
+        return stopped[-1]
+
+    # producers and results --------------------------------------------------------------------------
+    def feed(self, tag: str, rate: float = 100.0) -> Feeder:
+        f = Feeder(self.source.port, tag, rate)
+        self.feeders.append(f)
+        return f
+
+    def results(self) -> list[dict]:
+        return self.out.json("edge/results/")
+
+    def wait_results(self, n: int, timeout: float = 30) -> bool:
+        return wait_for(lambda: len(self.results()) >= n, timeout, 0.1)
+
+    def finish(self, scenario: str, feeder: Feeder, *, may_lose: set[str] = frozenset(), timeout: float = 120,
+               extra: dict | None = None) -> Verdict:
+        """Stop producing, wait for every result, stop the daemon cleanly, and judge the run: the
+        guarantees (harness.judge), the agent's own counters, and an empty outbox after a clean stop."""
+        assert feeder.stop(), f"the source broker acknowledged {feeder.acked} of {len(feeder.sent)} notes"
+        want = {nid for _, nid in feeder.sent} - set(may_lose)
+        wait_for(lambda: want <= {r["input_id"] for r in self.results()}, timeout, 0.2)
+        assert self.agent is not None and self.agent.alive(), "the daemon is not running at the end"
+        stopped = self.stop_agent()
+        results = self.results()
+        lines = self.lines()
+        processed = [e["input_id"] for e in events(lines, "message") if e.get("outcome") == "ok"]
+        verdict = judge(scenario, feeder.sent, results, restarts=self.restarts, may_lose=may_lose, extra={
+            "processed": len(processed),  # > sent when the broker redelivered (a crash, a lost ack)
+            "sink_disconnects": len(events(lines, "sink.disconnected")),
+            "source_disconnects": len(events(lines, "source.disconnected")),
+            "outbox_dropped": sum(e["count"] for e in events(lines, "outbox.dropped")),
+            **(extra or {}),
+        })
+        # The agent's counters agree with the producer: it committed a result for every note sent...
+        assert set(processed) == {nid for _, nid in feeder.sent}, "the agent's log disagrees with what was sent"
+        # ...and, stopped cleanly with the uplink up, it kept nothing back.
+        if not may_lose:
+            assert stopped["outbox_rows"] == 0, stopped
+        report(verdict)
+        print(verdict.row())
+        return verdict
+
+    def close(self) -> None:
+        if self.agent is not None and self.agent.alive():
+            self.agent.kill(signal.SIGKILL)
+        for f in self.feeders:
+            f.close()
+        self.proxy.close()
+        for b in (self.source, self.uplink):
+            if b.proc is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    b.proc.send_signal(signal.SIGCONT)  # a test that failed mid-SIGSTOP
+            b.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def rig(tmp_path: Path, spawn_agent, collect) -> Iterator[Rig]:
+    r = Rig(tmp_path, spawn_agent, collect)
+    yield r
+    r.close()

@@ -1,0 +1,194 @@
+"""What every chaos scenario shares: a steady feeder of uniquely numbered notes, the agent's JSON log read
+back as counters, the end-to-end verdict, and one summary row per scenario.
+
+The verdict asserts exactly what the agent promises (README "Guarantees", sink.py): every note that the
+source broker acknowledged has a result; a duplicate carries the same result id; and within each of the
+sink's two lanes (live, and `"replayed": true`) the results of one route arrive in commit order, which
+for one producer on one topic is the order it published in. Order is judged on first arrivals: a
+re-sent copy of an earlier result is a duplicate, not a reordering.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from itertools import pairwise
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+
+def _scale() -> float:
+    """EDGE_AGENT_CHAOS_LONG=1 runs every scenario 5x longer; =N runs it N times longer."""
+    raw = os.environ.get("EDGE_AGENT_CHAOS_LONG", "")
+    if not raw or raw == "0":
+        return 1.0
+    return 5.0 if raw == "1" else float(raw)
+
+
+SCALE = _scale()
+
+
+def seconds(base: float) -> float:
+    return base * SCALE
+
+
+class Feeder:
+    """A producer on the source broker: notes `{"id": "<tag>-<i>", "text": ...}` at a steady rate, QoS 1,
+    round-robin over `topics`. paho keeps every unacknowledged note and re-sends it after a reconnect, so
+    a note counts as sent once the broker PUBACKed it (`acked`)."""
+
+    def __init__(self, port: int, tag: str, rate: float = 100.0,
+                 topics: tuple[str, ...] = ("plant/a/notes", "plant/b/notes")) -> None:
+        self.tag, self.rate, self.topics = tag, rate, topics
+        self.sent: list[tuple[str, str]] = []  # (topic, input id), in publish order
+        self._acked = 0
+        self._lock = threading.Lock()  # ours alone: on_publish runs under paho's own mutex
+        self._stop = threading.Event()
+        self._paused = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"feeder-{tag}-{port}",
+                                  protocol=MQTTProtocolVersion.MQTTv311, clean_session=False)
+        self.client.max_inflight_messages_set(100)
+        self.client.max_queued_messages_set(0)
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_publish = self._on_publish
+        self.client.connect_async("127.0.0.1", port, keepalive=5)
+        self.client.loop_start()
+        self._thread = threading.Thread(target=self._run, name=f"feeder-{tag}", daemon=True)
+        self._thread.start()
+
+    def _on_publish(self, *_a: object) -> None:
+        with self._lock:
+            self._acked += 1
+
+    @property
+    def acked(self) -> int:
+        with self._lock:
+            return self._acked
+
+    def _run(self) -> None:
+        i, t_next = 0, time.monotonic()
+        while not self._stop.is_set():
+            if self._paused.is_set():
+                t_next = time.monotonic()
+                self._stop.wait(0.05)
+                continue
+            topic = self.topics[i % len(self.topics)]
+            nid = f"{self.tag}-{i}"
+            text = f"P-{100 + i % 50} discharge {i % 90} bar, alarm E-{i % 7:03d}"
+            self.sent.append((topic, nid))
+            self.client.publish(topic, json.dumps({"id": nid, "text": text}), qos=1)
+            i += 1
+            t_next += 1 / self.rate
+            self._stop.wait(max(0.0, t_next - time.monotonic()))
+
+    def pause(self) -> None:
+        self._paused.set()
+
+    def resume(self) -> None:
+        self._paused.clear()
+
+    def stop(self, settle: float = 60.0) -> bool:
+        """Stop producing, then wait until the broker has acknowledged every note. True when it has."""
+        self._stop.set()
+        self._thread.join(10)
+        deadline = time.monotonic() + settle
+        while self.acked < len(self.sent) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return self.acked >= len(self.sent)
+
+    def close(self) -> None:
+        self._stop.set()
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def read_log(path: Path) -> list[dict]:
+    """The agent's JSON log lines (across restarts, appended to one file); other lines are skipped."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by SIGKILL
+    return out
+
+
+def events(lines: list[dict], name: str) -> list[dict]:
+    return [e for e in lines if e.get("event") == name]
+
+
+@dataclass
+class Verdict:
+    scenario: str
+    sent: int
+    received_unique: int
+    duplicates: int
+    lost: int
+    restarts: int
+    replayed: int
+    extra: dict = field(default_factory=dict)
+
+    def row(self) -> dict:
+        d = asdict(self)
+        d.update(d.pop("extra"))
+        return d
+
+
+def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], *, restarts: int = 0,
+          may_lose: set[str] = frozenset(), extra: dict | None = None) -> Verdict:
+    """Assert the end-to-end guarantees over `results` (in arrival order) and return the summary row.
+
+    `may_lose`: ids the scenario destroyed on purpose (a corrupt outbox moved aside, a bound drop); the
+    caller asserts how many of them may be missing.
+    """
+    order = {nid: k for k, (_, nid) in enumerate(sent)}
+    topic_of = dict((nid, t) for t, nid in sent)
+    ids_by_input: dict[str, set[str]] = defaultdict(set)
+    copies: Counter[str] = Counter()
+    for r in results:
+        ids_by_input[r["input_id"]].add(r["id"])
+        copies[r["input_id"]] += 1
+    strangers = set(ids_by_input) - set(order)
+    assert not strangers, f"results for notes never sent: {sorted(strangers)[:5]}"
+    missing = [nid for _, nid in sent if nid not in ids_by_input]
+    unexpected = [nid for nid in missing if nid not in may_lose]
+    assert not unexpected, f"{len(unexpected)} of {len(sent)} notes have no result, e.g. {unexpected[:10]}"
+    split = {nid: ids for nid, ids in ids_by_input.items() if len(ids) > 1}
+    assert not split, f"duplicates with different result ids: {dict(list(split.items())[:3])}"
+    for r in results:
+        assert r["source"]["topic"] == topic_of[r["input_id"]], r
+    _assert_lane_order(results, order)
+    return Verdict(scenario, len(sent), len(ids_by_input), sum(copies.values()) - len(copies), len(missing),
+                   restarts, sum(1 for r in results if r["replayed"]), extra or {})
+
+
+def _assert_lane_order(results: list[dict], order: dict[str, int]) -> None:
+    lanes: dict[tuple[str, bool], list[int]] = defaultdict(list)
+    seen: set[tuple[str, bool, str]] = set()
+    for r in results:
+        key = (r["source"]["topic"], r["replayed"])
+        if (*key, r["input_id"]) in seen:
+            continue
+        seen.add((*key, r["input_id"]))
+        lanes[key].append(order[r["input_id"]])
+    for (topic, replayed), seq in lanes.items():
+        back = [(a, b) for a, b in pairwise(seq) if b < a]
+        assert not back, (f"{topic} {'replayed' if replayed else 'live'} lane out of order at "
+                          f"{len(back)} place(s), e.g. note #{back[0][1]} after #{back[0][0]}")
+
+
+def report(verdict: Verdict) -> None:
+    """Append the row to $EDGE_AGENT_CHAOS_REPORT (JSON lines) when set, so a run can quote the table."""
+    path = os.environ.get("EDGE_AGENT_CHAOS_REPORT")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps(verdict.row()) + "\n")
