@@ -7,6 +7,7 @@ consumer on the uplink (never faulted itself), the agent as a real subprocess, a
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -96,9 +97,11 @@ class Rig:
         assert self.agent is not None and self.agent.alive(), "the daemon is not running at the end"
         stopped = self.stop_agent()
         results = self.results()
+        with (self.tmp / "results.jsonl").open("w") as f:  # for a post-mortem of a failed verdict
+            f.writelines(json.dumps(r) + "\n" for r in results)
         lines = self.lines()
         processed = [e["input_id"] for e in events(lines, "message") if e.get("outcome") == "ok"]
-        verdict = judge(scenario, feeder.sent, results, restarts=self.restarts, may_lose=may_lose, extra={
+        verdict = judge(scenario, feeder.sent, results, processed, restarts=self.restarts, may_lose=may_lose, extra={
             "processed": len(processed),  # > sent when the broker redelivered (a crash, a lost ack)
             "sink_disconnects": len(events(lines, "sink.disconnected")),
             "source_disconnects": len(events(lines, "source.disconnected")),

@@ -3,9 +3,12 @@ back as counters, the end-to-end verdict, and one summary row per scenario.
 
 The verdict asserts exactly what the agent promises (README "Guarantees", sink.py): every note that the
 source broker acknowledged has a result; a duplicate carries the same result id; and within each of the
-sink's two lanes (live, and `"replayed": true`) the results of one route arrive in commit order, which
-for one producer on one topic is the order it published in. Order is judged on first arrivals: a
-re-sent copy of an earlier result is a duplicate, not a reordering.
+sink's two lanes (live, and `"replayed": true`) the results of one route arrive in the order the agent
+committed them. Commit order is the order the source broker delivered in, read back from the agent's
+per-message log lines; it is usually the producer's order, but not always: a producer that reconnects
+into a frozen broker may have its newest notes delivered before older ones it re-sends. Order is judged
+on first arrivals (and first commits): a re-sent copy of an earlier result is a duplicate, not a
+reordering.
 """
 
 from __future__ import annotations
@@ -143,21 +146,24 @@ class Verdict:
         return d
 
 
-def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], *, restarts: int = 0,
-          may_lose: set[str] = frozenset(), extra: dict | None = None) -> Verdict:
+def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], committed: list[str], *,
+          restarts: int = 0, may_lose: set[str] = frozenset(), extra: dict | None = None) -> Verdict:
     """Assert the end-to-end guarantees over `results` (in arrival order) and return the summary row.
+    `committed`: input ids in the order the agent committed their results, repeats included.
 
     `may_lose`: ids the scenario destroyed on purpose (a corrupt outbox moved aside, a bound drop); the
     caller asserts how many of them may be missing.
     """
-    order = {nid: k for k, (_, nid) in enumerate(sent)}
+    order: dict[str, int] = {}
+    for nid in committed:
+        order.setdefault(nid, len(order))
     topic_of = dict((nid, t) for t, nid in sent)
     ids_by_input: dict[str, set[str]] = defaultdict(set)
     copies: Counter[str] = Counter()
     for r in results:
         ids_by_input[r["input_id"]].add(r["id"])
         copies[r["input_id"]] += 1
-    strangers = set(ids_by_input) - set(order)
+    strangers = set(ids_by_input) - set(topic_of)
     assert not strangers, f"results for notes never sent: {sorted(strangers)[:5]}"
     missing = [nid for _, nid in sent if nid not in ids_by_input]
     unexpected = [nid for nid in missing if nid not in may_lose]
@@ -166,6 +172,8 @@ def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], *, re
     assert not split, f"duplicates with different result ids: {dict(list(split.items())[:3])}"
     for r in results:
         assert r["source"]["topic"] == topic_of[r["input_id"]], r
+    uncommitted = set(ids_by_input) - set(order)
+    assert not uncommitted, f"results the agent never logged committing: {sorted(uncommitted)[:5]}"
     _assert_lane_order(results, order)
     return Verdict(scenario, len(sent), len(ids_by_input), sum(copies.values()) - len(copies), len(missing),
                    restarts, sum(1 for r in results if r["replayed"]), extra or {})
@@ -182,8 +190,8 @@ def _assert_lane_order(results: list[dict], order: dict[str, int]) -> None:
         lanes[key].append(order[r["input_id"]])
     for (topic, replayed), seq in lanes.items():
         back = [(a, b) for a, b in pairwise(seq) if b < a]
-        assert not back, (f"{topic} {'replayed' if replayed else 'live'} lane out of order at "
-                          f"{len(back)} place(s), e.g. note #{back[0][1]} after #{back[0][0]}")
+        assert not back, (f"{topic} {'replayed' if replayed else 'live'} lane out of commit order at "
+                          f"{len(back)} place(s), e.g. commit #{back[0][1]} after #{back[0][0]}")
 
 
 def report(verdict: Verdict) -> None:
