@@ -2,13 +2,20 @@
 back as counters, the end-to-end verdict, and one summary row per scenario.
 
 The verdict asserts exactly what the agent promises (README "Guarantees", sink.py): every note that the
-source broker acknowledged has a result; a duplicate carries the same result id; and within each of the
-sink's two lanes (live, and `"replayed": true`) the results of one route arrive in the order the agent
-committed them. Commit order is the order the source broker delivered in, read back from the agent's
-per-message log lines; it is usually the producer's order, but not always: a producer that reconnects
-into a frozen broker may have its newest notes delivered before older ones it re-sends. Order is judged
-on first arrivals (and first commits): a re-sent copy of an earlier result is a duplicate, not a
-reordering.
+source broker acknowledged has a result; a duplicate carries the same result id; and each of the sink's
+two lanes (live, and `"replayed": true`) publishes one route's outbox rows in commit order:
+
+- live: rows committed while connected, in commit order, for the daemon's whole life and across
+  restarts (a new process only commits rows newer than any an older one did);
+- replayed: the backlog, in commit order within one process; a restarted process replays whatever is
+  left from its oldest row again, so this lane may step back only across a (re)start.
+
+A result is matched to the commit that produced it (a redelivered note is committed again, as a new row)
+through its `processed_at` and the agent's per-message log line, whose order is commit order. That order
+is the order the source broker delivered in: usually the producer's, but not always (a producer that
+reconnects into a frozen broker may get its newest notes delivered before the older ones it re-sends).
+Order is judged on first arrivals of each row: paho re-sending a row after a reconnect is a duplicate,
+not a reordering.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import threading
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from itertools import pairwise
 from pathlib import Path
 
@@ -146,17 +154,34 @@ class Verdict:
         return d
 
 
-def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], committed: list[str], *,
-          restarts: int = 0, may_lose: set[str] = frozenset(), extra: dict | None = None) -> Verdict:
-    """Assert the end-to-end guarantees over `results` (in arrival order) and return the summary row.
-    `committed`: input ids in the order the agent committed their results, repeats included.
+def commits(lines: list[dict]) -> dict[str, list[tuple[float, int]]]:
+    """input id -> [(log time, commit rank)] for each time the agent committed a result for it."""
+    out: dict[str, list[tuple[float, int]]] = defaultdict(list)
+    for rank, e in enumerate(e for e in lines if e.get("event") == "message" and e.get("outcome") == "ok"):
+        out[e["input_id"]].append((_epoch(e["timestamp"]), rank))
+    return out
 
+
+def _epoch(rfc3339: str) -> float:
+    return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
+
+
+def _rank(result: dict, committed: dict[str, list[tuple[float, int]]]) -> int:
+    """The commit that produced this result: the first one logged at or after its processed_at (which
+    is set just before the commit, truncated to the millisecond). Re-commits of one note are seconds apart."""
+    at = _epoch(result["processed_at"])
+    ranks = committed[result["input_id"]]
+    return next((rank for t, rank in ranks if t >= at), ranks[-1][1])
+
+
+def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], lines: list[dict], *,
+          starts: list[int] = (), may_lose: set[str] = frozenset(), extra: dict | None = None) -> Verdict:
+    """Assert the end-to-end guarantees over `results` (in arrival order) and return the summary row.
+
+    `lines`: the agent's log. `starts`: how many results had arrived when each restarted agent was spawned.
     `may_lose`: ids the scenario destroyed on purpose (a corrupt outbox moved aside, a bound drop); the
     caller asserts how many of them may be missing.
     """
-    order: dict[str, int] = {}
-    for nid in committed:
-        order.setdefault(nid, len(order))
     topic_of = dict((nid, t) for t, nid in sent)
     ids_by_input: dict[str, set[str]] = defaultdict(set)
     copies: Counter[str] = Counter()
@@ -172,26 +197,29 @@ def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], commi
     assert not split, f"duplicates with different result ids: {dict(list(split.items())[:3])}"
     for r in results:
         assert r["source"]["topic"] == topic_of[r["input_id"]], r
-    uncommitted = set(ids_by_input) - set(order)
+    committed = commits(lines)
+    uncommitted = set(ids_by_input) - set(committed)
     assert not uncommitted, f"results the agent never logged committing: {sorted(uncommitted)[:5]}"
-    _assert_lane_order(results, order)
+    _assert_lane_order(results, committed, list(starts))
     return Verdict(scenario, len(sent), len(ids_by_input), sum(copies.values()) - len(copies), len(missing),
-                   restarts, sum(1 for r in results if r["replayed"]), extra or {})
+                   len(starts), sum(1 for r in results if r["replayed"]), extra or {})
 
 
-def _assert_lane_order(results: list[dict], order: dict[str, int]) -> None:
-    lanes: dict[tuple[str, bool], list[int]] = defaultdict(list)
-    seen: set[tuple[str, bool, str]] = set()
-    for r in results:
-        key = (r["source"]["topic"], r["replayed"])
-        if (*key, r["input_id"]) in seen:
-            continue
-        seen.add((*key, r["input_id"]))
-        lanes[key].append(order[r["input_id"]])
+def _assert_lane_order(results: list[dict], committed: dict[str, list[tuple[float, int]]],
+                       starts: list[int]) -> None:
+    lanes: dict[tuple[str, bool], list[tuple[int, int]]] = defaultdict(list)  # (arrival, rank)
+    seen: set[tuple[bool, int]] = set()
+    for pos, r in enumerate(results):
+        rank = _rank(r, committed)
+        if (r["replayed"], rank) not in seen:
+            seen.add((r["replayed"], rank))
+            lanes[(r["source"]["topic"], r["replayed"])].append((pos, rank))
     for (topic, replayed), seq in lanes.items():
-        back = [(a, b) for a, b in pairwise(seq) if b < a]
+        back = [(a, b) for a, b in pairwise(seq) if b[1] < a[1]]
+        if replayed:  # a restarted agent replays its backlog from the oldest row again
+            back = [(a, b) for a, b in back if not any(a[0] < s <= b[0] for s in starts)]
         assert not back, (f"{topic} {'replayed' if replayed else 'live'} lane out of commit order at "
-                          f"{len(back)} place(s), e.g. commit #{back[0][1]} after #{back[0][0]}")
+                          f"{len(back)} place(s), e.g. commit #{back[0][1][1]} arrived after #{back[0][0][1]}")
 
 
 def report(verdict: Verdict) -> None:
