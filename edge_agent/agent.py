@@ -14,6 +14,7 @@ import time
 import structlog
 
 from .config import Config
+from .errors import OutboxError
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox
 from .pipeline import Pipeline
@@ -74,7 +75,10 @@ class Agent:
             if ping is not None and self._healthy(ping):
                 self.notifier.watchdog()
             if time.monotonic() >= next_expire:
-                self.outbox.expire()
+                try:
+                    self.outbox.expire()
+                except OutboxError as e:  # a full disk: retried next time, never a reason to exit
+                    log.error("outbox.expire_failed", error=str(e), retry_in_s=EXPIRE_EVERY_S)
                 next_expire = time.monotonic() + EXPIRE_EVERY_S
 
     def _healthy(self, ping: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import signal
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -39,12 +40,14 @@ class Rig:
         self.starts: list[int] = []  # results arrived when each restart was spawned
         self.configure()
 
-    def configure(self, *, replay_rate: float = 1000, extra: str = "") -> None:
+    def configure(self, *, replay_rate: float = 1000, max_bytes: int | None = None, extra: str = "") -> None:
         """Write the agent's config: keepalive 5 s on both sides, reconnect delays 0.1-0.5 s, the sink
         through the proxy, logs at info (one JSON line per message: the agent's own counters)."""
         write_config(self.cfg, source_port=self.source.port, sink_port=self.proxy.port, outbox=self.outbox,
                      extra=extra or "[pipeline]\ndrain_timeout_s = 2")
         text = self.cfg.read_text().replace('level = "warning"', 'level = "info"')
+        if max_bytes is not None:
+            text = text.replace(f'path = "{self.outbox}"', f'path = "{self.outbox}"\nmax_bytes = {max_bytes}')
         self.cfg.write_text(text.replace("replay_rate = 2000", f"replay_rate = {replay_rate}"))
 
     # the agent ------------------------------------------------------------------------------------
@@ -75,6 +78,14 @@ class Rig:
         assert len(stopped) == n + 1
         return stopped[-1]
 
+    def outbox_rows(self) -> int:
+        """Rows in the agent's outbox, read beside it (WAL: a reader never blocks the daemon)."""
+        try:
+            with contextlib.closing(sqlite3.connect(f"file:{self.outbox}?mode=ro", uri=True, timeout=5)) as conn:
+                return conn.execute("SELECT COUNT(*) FROM outbox").fetchone()[0]
+        except sqlite3.Error:
+            return -1  # not created yet, or moved aside
+
     # producers and results --------------------------------------------------------------------------
     def feed(self, tag: str, rate: float = 100.0) -> Feeder:
         f = Feeder(self.source.port, tag, rate)
@@ -93,7 +104,7 @@ class Rig:
         guarantees (harness.judge), the agent's own counters, and an empty outbox after a clean stop."""
         assert feeder.stop(), f"the source broker acknowledged {feeder.acked} of {len(feeder.sent)} notes"
         want = {nid for _, nid in feeder.sent} - set(may_lose)
-        wait_for(lambda: want <= {r["input_id"] for r in self.results()}, timeout, 0.2)
+        wait_for(lambda: want <= {r["input_id"] for r in self.results()} and self.outbox_rows() == 0, timeout, 0.2)
         assert self.agent is not None and self.agent.alive(), "the daemon is not running at the end"
         stopped = self.stop_agent()
         results = self.results()
