@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = ("passthrough", "outbox_append", "drain", "classify", "generate")
+NAMES = ("passthrough", "outbox_append", "drain", "classify", "generate", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:
