@@ -166,12 +166,33 @@ def _epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
 
 
-def _rank(result: dict, committed: dict[str, list[tuple[float, int]]]) -> int:
-    """The commit that produced this result: the first one logged at or after its processed_at (which
-    is set just before the commit, truncated to the millisecond). Re-commits of one note are seconds apart."""
-    at = _epoch(result["processed_at"])
-    ranks = committed[result["input_id"]]
-    return next((rank for t, rank in ranks if t >= at), ranks[-1][1])
+# A batch is processed, committed and logged within this; a note's next commit (a redelivery) needs a
+# reconnect or a restart, which takes longer. A row whose own log line was lost (SIGKILL between the
+# commit and the log write) is then left unmatched rather than matched to its redelivery.
+_COMMIT_TO_LOG_S = 1.0
+
+
+def _rows(results: list[dict], committed: dict[str, list[tuple[float, int]]]) -> dict[tuple, int]:
+    """(input id, processed_at, received_at) -> rank of the commit that made that outbox row.
+
+    Copies of one row (re-sent, or live then replayed) carry the same stored payload, so the two times
+    identify the row. A note's rows and its commits are both in time order; each row takes the first
+    unused commit logged at or after its processed_at (set just before the commit, truncated to the ms).
+    """
+    out: dict[tuple, int] = {}
+    times: dict[str, set[tuple[str, str]]] = defaultdict(set)
+    for r in results:
+        times[r["input_id"]].add((r["processed_at"], r["source"]["received_at"]))
+    for nid, rows in times.items():
+        cs, i = committed.get(nid, []), 0
+        for processed_at, received_at in sorted(rows):
+            at = _epoch(processed_at)
+            while i < len(cs) and cs[i][0] < at:
+                i += 1
+            if i < len(cs) and cs[i][0] - at < _COMMIT_TO_LOG_S:
+                out[(nid, processed_at, received_at)] = cs[i][1]
+                i += 1
+    return out
 
 
 def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], lines: list[dict], *,
@@ -200,18 +221,24 @@ def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], lines
     committed = commits(lines)
     uncommitted = set(ids_by_input) - set(committed)
     assert not uncommitted, f"results the agent never logged committing: {sorted(uncommitted)[:5]}"
-    _assert_lane_order(results, committed, list(starts))
+    unmatched = _assert_lane_order(results, committed, list(starts))
     return Verdict(scenario, len(sent), len(ids_by_input), sum(copies.values()) - len(copies), len(missing),
-                   len(starts), sum(1 for r in results if r["replayed"]), extra or {})
+                   len(starts), sum(1 for r in results if r["replayed"]),
+                   {**(extra or {}), "order_unmatched": unmatched})
 
 
 def _assert_lane_order(results: list[dict], committed: dict[str, list[tuple[float, int]]],
-                       starts: list[int]) -> None:
+                       starts: list[int]) -> int:
+    """Assert the lanes' order; return how many results could not be matched to a logged commit."""
+    ranks = _rows(results, committed)
     lanes: dict[tuple[str, bool], list[tuple[int, int]]] = defaultdict(list)  # (arrival, rank)
     seen: set[tuple[bool, int]] = set()
+    unmatched = 0
     for pos, r in enumerate(results):
-        rank = _rank(r, committed)
-        if (r["replayed"], rank) not in seen:
+        rank = ranks.get((r["input_id"], r["processed_at"], r["source"]["received_at"]))
+        if rank is None:
+            unmatched += 1
+        elif (r["replayed"], rank) not in seen:
             seen.add((r["replayed"], rank))
             lanes[(r["source"]["topic"], r["replayed"])].append((pos, rank))
     for (topic, replayed), seq in lanes.items():
@@ -220,6 +247,7 @@ def _assert_lane_order(results: list[dict], committed: dict[str, list[tuple[floa
             back = [(a, b) for a, b in back if not any(a[0] < s <= b[0] for s in starts)]
         assert not back, (f"{topic} {'replayed' if replayed else 'live'} lane out of commit order at "
                           f"{len(back)} place(s), e.g. commit #{back[0][1][1]} arrived after #{back[0][0][1]}")
+    return unmatched
 
 
 def report(verdict: Verdict) -> None:

@@ -35,7 +35,7 @@ def test_agent_sigkilled_five_times_then_sigterm_mid_drain(rig):
 
     # Results pile up in the outbox while the uplink refuses us, and stay there across a clean stop...
     rig.proxy.refuse()
-    time.sleep(seconds(5))
+    time.sleep(seconds(8))  # ~800 rows: over 5 s of replay at 150/s
     assert rig.stop_agent()["outbox_rows"] > 0
     rig.proxy.heal()
     replayed_before = sum(r["replayed"] for r in rig.results())

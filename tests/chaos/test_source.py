@@ -33,7 +33,7 @@ def test_source_broker_sigkill_restart_and_sigstop(rig):
         time.sleep(1.0)
         rig.source.start()
     # Back on the restarted broker before it is frozen, or the freeze only delays a reconnect.
-    assert wait_for(lambda: rig.count("source.connected") == 1 + kills, 30, 0.1)
+    assert wait_for(lambda: rig.count("source.connected") >= 1 + kills, 30, 0.1)
     assert rig.wait_results(len(feeder.sent) // 2)
     disconnects = rig.count("source.disconnected")
     rig.source.proc.send_signal(signal.SIGSTOP)
