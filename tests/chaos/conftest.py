@@ -31,6 +31,7 @@ class Rig:
         self.source.start()
         self.uplink = Broker(tmp / "uplink").start()
         self.proxy = FaultProxy(self.uplink.port).start()
+        self.collect = collect
         self.out = collect(self.uplink.port, "edge/results/#")
         self.outbox = tmp / "outbox.db"
         self.log = tmp / "agent.log"

@@ -50,6 +50,33 @@ def test_agent_sigkilled_five_times_then_sigterm_mid_drain(rig):
     assert v.restarts == 7
 
 
+def test_agent_frozen_by_sigstop_then_thawed(rig):
+    """SIGSTOP the daemon for longer than its keepalive: both brokers drop it (the uplink publishes its
+    last will, "offline"), notes queue in its source session; after SIGCONT it reconnects and catches up."""
+    status = rig.collect(rig.uplink.port, "edge/status/#")
+
+    def states() -> list[str]:
+        return [json.loads(p)["state"] for _, p, _ in status.messages]
+
+    rig.start_agent()
+    feeder = rig.feed("freeze")
+    assert rig.wait_results(100)
+    assert wait_for(lambda: "online" in states(), 10)
+    seen = len(states())
+    rig.agent.proc.send_signal(signal.SIGSTOP)
+    t0 = time.monotonic()
+    try:
+        will = wait_for(lambda: "offline" in states()[seen:], 30, 0.2)  # 1.5x keepalive at the broker
+        will_s = time.monotonic() - t0
+        time.sleep(max(0.0, seconds(12) - will_s))
+    finally:
+        rig.agent.proc.send_signal(signal.SIGCONT)
+    assert will, "the uplink broker never published the frozen agent's last will"
+    assert wait_for(lambda: states()[-1] == "online", 30, 0.2), states()
+    time.sleep(3)
+    rig.finish("agent SIGSTOP 12 s + SIGCONT", feeder, extra={"will_after_s": round(will_s, 1)})
+
+
 def _rows_at_risk(db) -> set[str]:
     """Input ids whose results sit only in this outbox file."""
     with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:

@@ -39,23 +39,24 @@ def test_uplink_blackholed_60s_then_healed(rig):
 
 
 def test_uplink_flapping_reset_and_refused(rig):
-    """The uplink drops (RST) or refuses connections every few seconds, for half a minute."""
+    """The uplink drops (RST), refuses connections or lags (100-400 ms a chunk) every few seconds, for half
+    a minute."""
     rig.start_agent()
     feeder = rig.feed("flap")
     assert rig.wait_results(50)
     rnd = random.Random(4)
-    faults = {"reset": 0, "refuse": 0}
+    faults = {"reset": 0, "refuse": 0, "delay": 0}
     end = time.monotonic() + seconds(30)
     while time.monotonic() < end:
         time.sleep(rnd.uniform(1.5, 4.0))
-        kind = rnd.choice(sorted(faults))
+        kind = ("reset", "refuse", "delay")[sum(faults.values()) % 3]
         faults[kind] += 1
         if kind == "reset":
             rig.proxy.reset()
-        else:
-            rig.proxy.refuse()
-            time.sleep(rnd.uniform(0.5, 2.5))
-            rig.proxy.heal()
+            continue
+        rig.proxy.refuse() if kind == "refuse" else rig.proxy.delay(rnd.uniform(100, 400))
+        time.sleep(rnd.uniform(0.5, 2.5))
+        rig.proxy.heal()
     time.sleep(3)
-    v = rig.finish("uplink flapping (reset/refuse)", feeder, extra={"faults": faults})
+    v = rig.finish("uplink flapping (reset/refuse/delay)", feeder, extra={"faults": faults})
     assert v.extra["sink_disconnects"] >= 1
