@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from ..conftest import AgentProcess, Broker, Collector, wait_for, write_config
-from .harness import Feeder, Verdict, events, judge, read_log, report
+from .harness import AgentLog, Feeder, Verdict, events, judge, report
 from .proxy import FaultProxy
 
 
@@ -35,6 +35,7 @@ class Rig:
         self.out = collect(self.uplink.port, "edge/results/#")
         self.outbox = tmp / "outbox.db"
         self.log = tmp / "agent.log"
+        self._log = AgentLog(self.log)
         self.cfg = tmp / "agent.toml"
         self.agent: AgentProcess | None = None
         self.feeders: list[Feeder] = []
@@ -53,7 +54,7 @@ class Rig:
 
     # the agent ------------------------------------------------------------------------------------
     def lines(self) -> list[dict]:
-        return read_log(self.log)
+        return self._log.lines()
 
     def count(self, event: str) -> int:
         return len(events(self.lines(), event))

@@ -20,6 +20,7 @@ not a reordering.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -119,18 +120,26 @@ class Feeder:
         self.client.loop_stop()
 
 
-def read_log(path: Path) -> list[dict]:
-    """The agent's JSON log lines (across restarts, appended to one file); other lines are skipped."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        if line.startswith("{"):
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue  # a line cut short by SIGKILL
-    return out
+class AgentLog:
+    """The agent's JSON log (every run appends to one file), parsed incrementally: scenarios poll it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._pos = 0
+        self._lines: list[dict] = []
+
+    def lines(self) -> list[dict]:
+        if self.path.exists():
+            with self.path.open("rb") as f:
+                f.seek(self._pos)
+                chunk = f.read()
+            done = chunk.rfind(b"\n") + 1  # a line still being written is read next time
+            self._pos += done
+            for line in chunk[:done].decode(errors="replace").splitlines():
+                if line.startswith("{"):
+                    with contextlib.suppress(json.JSONDecodeError):  # paho's or a line cut by SIGKILL
+                        self._lines.append(json.loads(line))
+        return self._lines
 
 
 def events(lines: list[dict], name: str) -> list[dict]:
