@@ -50,6 +50,9 @@ def seconds(base: float) -> float:
     return base * SCALE
 
 
+TIMEOUT_S = int(300 * SCALE)  # per scenario, for pytest-timeout: the long mode needs more than the default
+
+
 class Feeder:
     """A producer on the source broker: notes `{"id": "<tag>-<i>", "text": ...}` at a steady rate, QoS 1,
     round-robin over `topics`. paho keeps every unacknowledged note and re-sends it after a reconnect, so

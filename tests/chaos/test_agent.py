@@ -13,9 +13,9 @@ import time
 import pytest
 
 from ..conftest import wait_for
-from .harness import SCALE, seconds
+from .harness import SCALE, TIMEOUT_S, seconds
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]
 
 
 def test_agent_sigkilled_five_times_then_sigterm_mid_drain(rig):

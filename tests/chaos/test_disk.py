@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from ..conftest import wait_for
-from .harness import seconds
+from .harness import TIMEOUT_S, seconds
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]
 
 
 def test_outbox_bound_drops_oldest_counted_while_uplink_down(rig):

@@ -8,9 +8,9 @@ import time
 import pytest
 
 from ..conftest import wait_for
-from .harness import seconds
+from .harness import TIMEOUT_S, seconds
 
-pytestmark = pytest.mark.chaos
+pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]
 
 
 def test_uplink_blackholed_60s_then_healed(rig):
