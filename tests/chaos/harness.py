@@ -20,6 +20,7 @@ not a reordering.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import json
 import os
@@ -166,45 +167,56 @@ class Verdict:
         return d
 
 
-def commits(lines: list[dict]) -> dict[str, list[tuple[float, int]]]:
-    """input id -> [(log time, commit rank)] for each time the agent committed a result for it."""
-    out: dict[str, list[tuple[float, int]]] = defaultdict(list)
-    for rank, e in enumerate(e for e in lines if e.get("event") == "message" and e.get("outcome") == "ok"):
-        out[e["input_id"]].append((_epoch(e["timestamp"]), rank))
-    return out
+@dataclass
+class Commits:
+    """The agent's commits, read from its log: per note [(log time, commit rank, run)], where run counts
+    the `agent.started` lines before it (one per process), and when each run started."""
+
+    by_input: dict[str, list[tuple[float, int, int]]]
+    started: list[float]
+
+    @classmethod
+    def of(cls, lines: list[dict]) -> Commits:
+        by_input: dict[str, list[tuple[float, int, int]]] = defaultdict(list)
+        started: list[float] = []
+        rank = 0
+        for e in lines:
+            if e.get("event") == "agent.started":
+                started.append(_epoch(e["timestamp"]))
+            elif e.get("event") == "message" and e.get("outcome") == "ok":
+                by_input[e["input_id"]].append((_epoch(e["timestamp"]), rank, len(started)))
+                rank += 1
+        return cls(by_input, started)
+
+    def rows(self, results: list[dict]) -> dict[tuple, int]:
+        """(input id, processed_at, received_at) -> rank of the commit that made that outbox row.
+
+        Copies of one row (re-sent, or live then replayed) carry the same stored payload, so the two
+        times identify the row. A row belongs to the run going at its processed_at (set just before the
+        commit, truncated to the ms); within that run a note's rows and commits are both in time order,
+        and each row takes the first unused commit logged at or after its processed_at. A row whose log
+        line a SIGKILL cut off (after the commit, before the write) stays unmatched, rather than being
+        matched to its redelivery in the next run.
+        """
+        out: dict[tuple, int] = {}
+        times: dict[str, set[tuple[str, str]]] = defaultdict(set)
+        for r in results:
+            times[r["input_id"]].add((r["processed_at"], r["source"]["received_at"]))
+        for nid, rows in times.items():
+            cs, i = self.by_input.get(nid, []), 0
+            for processed_at, received_at in sorted(rows):
+                at = _epoch(processed_at)
+                run = bisect.bisect_right(self.started, at)
+                while i < len(cs) and (cs[i][2] < run or cs[i][0] < at):
+                    i += 1
+                if i < len(cs) and cs[i][2] == run:
+                    out[(nid, processed_at, received_at)] = cs[i][1]
+                    i += 1
+        return out
 
 
 def _epoch(rfc3339: str) -> float:
     return datetime.fromisoformat(rfc3339.replace("Z", "+00:00")).timestamp()
-
-
-# A batch is processed, committed and logged within this; a note's next commit (a redelivery) needs a
-# reconnect or a restart, which takes longer. A row whose own log line was lost (SIGKILL between the
-# commit and the log write) is then left unmatched rather than matched to its redelivery.
-_COMMIT_TO_LOG_S = 1.0
-
-
-def _rows(results: list[dict], committed: dict[str, list[tuple[float, int]]]) -> dict[tuple, int]:
-    """(input id, processed_at, received_at) -> rank of the commit that made that outbox row.
-
-    Copies of one row (re-sent, or live then replayed) carry the same stored payload, so the two times
-    identify the row. A note's rows and its commits are both in time order; each row takes the first
-    unused commit logged at or after its processed_at (set just before the commit, truncated to the ms).
-    """
-    out: dict[tuple, int] = {}
-    times: dict[str, set[tuple[str, str]]] = defaultdict(set)
-    for r in results:
-        times[r["input_id"]].add((r["processed_at"], r["source"]["received_at"]))
-    for nid, rows in times.items():
-        cs, i = committed.get(nid, []), 0
-        for processed_at, received_at in sorted(rows):
-            at = _epoch(processed_at)
-            while i < len(cs) and cs[i][0] < at:
-                i += 1
-            if i < len(cs) and cs[i][0] - at < _COMMIT_TO_LOG_S:
-                out[(nid, processed_at, received_at)] = cs[i][1]
-                i += 1
-    return out
 
 
 def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], lines: list[dict], *,
@@ -230,8 +242,8 @@ def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], lines
     assert not split, f"duplicates with different result ids: {dict(list(split.items())[:3])}"
     for r in results:
         assert r["source"]["topic"] == topic_of[r["input_id"]], r
-    committed = commits(lines)
-    uncommitted = set(ids_by_input) - set(committed)
+    committed = Commits.of(lines)
+    uncommitted = set(ids_by_input) - set(committed.by_input)
     assert not uncommitted, f"results the agent never logged committing: {sorted(uncommitted)[:5]}"
     unmatched = _assert_lane_order(results, committed, list(starts))
     return Verdict(scenario, len(sent), len(ids_by_input), sum(copies.values()) - len(copies), len(missing),
@@ -239,10 +251,9 @@ def judge(scenario: str, sent: list[tuple[str, str]], results: list[dict], lines
                    {**(extra or {}), "order_unmatched": unmatched})
 
 
-def _assert_lane_order(results: list[dict], committed: dict[str, list[tuple[float, int]]],
-                       starts: list[int]) -> int:
+def _assert_lane_order(results: list[dict], committed: Commits, starts: list[int]) -> int:
     """Assert the lanes' order; return how many results could not be matched to a logged commit."""
-    ranks = _rows(results, committed)
+    ranks = committed.rows(results)
     lanes: dict[tuple[str, bool], list[tuple[int, int]]] = defaultdict(list)  # (arrival, rank)
     seen: set[tuple[bool, int]] = set()
     unmatched = 0
