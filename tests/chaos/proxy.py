@@ -56,13 +56,18 @@ class _Link:
         if not self.proxy._wait_passable(self.closed):
             return
         try:
-            self.upstream = socket.create_connection(("127.0.0.1", self.proxy.upstream_port), timeout=5)
+            upstream = socket.create_connection(("127.0.0.1", self.proxy.upstream_port), timeout=5)
         except OSError:
             self.close()
             return
-        self.upstream.settimeout(None)
-        threading.Thread(target=self._pump, args=(self.upstream, self.client), daemon=True).start()
-        self._pump(self.client, self.upstream)
+        upstream.settimeout(None)
+        with self._lock:
+            if self.closed.is_set():  # reset while we were connecting
+                _close(upstream)
+                return
+            self.upstream = upstream
+        threading.Thread(target=self._pump, args=(upstream, self.client), daemon=True).start()
+        self._pump(self.client, upstream)
 
     def _pump(self, src: socket.socket, dst: socket.socket) -> None:
         try:
@@ -88,7 +93,8 @@ class _Link:
             if self.closed.is_set():
                 return
             self.closed.set()
-        for s in (self.client, self.upstream):
+            socks = (self.client, self.upstream)
+        for s in socks:
             if s is not None:
                 _rst(s) if rst else _close(s)
         self.proxy._forget(self)
@@ -180,7 +186,8 @@ class FaultProxy:
         threading.Thread(target=self._accept, args=(s,), name=f"proxy-{self.port}", daemon=True).start()
 
     def _unlisten(self) -> None:
-        s, self._listener = self._listener, None
+        with self._links_lock:  # after this, _accept registers no link from the old listener
+            s, self._listener = self._listener, None
         if s is not None:
             _close(s)  # shutdown wakes the accept() below
 
@@ -193,6 +200,9 @@ class FaultProxy:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = _Link(self, client)
             with self._links_lock:
+                if self._listener is not listener:  # accepted just as refuse() closed the listener
+                    _rst(client)
+                    return
                 self._links.add(link)
                 self.accepted += 1
             threading.Thread(target=link.run, daemon=True).start()

@@ -28,7 +28,7 @@ def test_agent_sigkilled_five_times_then_sigterm_mid_drain(rig):
     rnd = random.Random(5)
     for _ in range(5):
         time.sleep(rnd.uniform(0.5, 4.0) * SCALE)  # some land while the agent is still starting
-        assert rig.agent.kill(signal.SIGKILL) == -signal.SIGKILL
+        rig.kill_agent()
         started = rig.count("agent.started")
         rig.start_agent(wait_source=False)  # at once, as systemd's Restart= would
     assert wait_for(lambda: rig.count("agent.started") > started, 30)  # the last one came up
