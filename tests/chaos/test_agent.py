@@ -1,5 +1,5 @@
-"""Faults of the agent process itself: SIGKILL at random moments, SIGTERM mid-drain, and an outbox file
-damaged while the daemon was down."""
+"""Faults of the agent process itself: SIGKILL at random moments, SIGTERM mid-drain, SIGSTOP/SIGCONT, and
+an outbox file damaged while the daemon was down."""
 
 from __future__ import annotations
 
