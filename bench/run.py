@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-NAMES = ("passthrough", "outbox_append", "drain", "classify", "generate", "scale", "sparkplug")
+NAMES = ("passthrough", "outbox_append", "drain", "classify", "generate", "scale", "sparkplug", "soak")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ from pydantic import BaseModel
 
 from .config import Config
 from .credentials import preflight
-from .errors import ConfigError
+from .errors import ConfigError, OutboxError
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
 from .outbox import Outbox, OutboxLock
@@ -115,7 +115,10 @@ class Agent:
             if ping is not None and self._healthy(ping):
                 self.notifier.watchdog()
             if time.monotonic() >= next_expire:
-                self.outbox.expire()
+                try:
+                    self.outbox.expire()
+                except OutboxError as e:  # a full disk: retried next time, never a reason to exit
+                    log.error("outbox.expire_failed", error=str(e), retry_in_s=EXPIRE_EVERY_S)
                 next_expire = time.monotonic() + EXPIRE_EVERY_S
             # A SIGHUP before READY waits for it: systemd's RELOADING=1 ... READY=1 brackets a running service.
             if ready and reload is not None and load is not None and reload.is_set() and not self._reloading():

@@ -24,6 +24,7 @@ import structlog
 
 from . import __version__
 from .config import SinkConfig
+from .errors import OutboxError
 from .mqtt import Will, connect_async, is_failure, make_client, refused_hint
 from .outbox import Outbox, Record
 from .results import mark_replayed, split_retain
@@ -75,6 +76,7 @@ class Sink:
         # Owned by the dispatcher thread alone:
         self._inflight: dict[int, _Inflight] = {}
         self._failed: collections.deque[tuple[float, _Inflight]] = collections.deque()
+        self._acked: list[int] = []  # PUBACKed seqs not deleted yet
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -160,15 +162,18 @@ class Sink:
         return acked
 
     def _dispatch(self) -> None:
-        acked = self._settle()
+        self._acked.extend(self._settle())
         try:
-            self._refill(acked)
+            self._refill()
         finally:
             # Deleted after the window is refilled, so the delete's disk write never idles the window.
-            if acked:
-                self._outbox.accept(acked)
+            # A delete that fails (a full disk) raises to _run and is retried next round: forgetting the
+            # seqs would strand PUBACKed rows in the outbox until a restart sent them again.
+            if self._acked:
+                self._outbox.accept(self._acked)
+                self._acked.clear()
 
-    def _refill(self, acked: list[int]) -> None:
+    def _refill(self) -> None:
         if self._new_connection:
             self._new_connection = False
             # Everything committed but not yet handed to paho is backlog now.
@@ -191,7 +196,7 @@ class Sink:
             if want:
                 handed = {i.record.seq for i in self._inflight.values()}
                 handed.update(i.record.seq for _, i in self._failed)
-                handed.update(acked)  # PUBACKed, deleted right after this round
+                handed.update(self._acked)  # PUBACKed, deleted right after this round
                 rows = self._outbox.batch(want, after_seq=self._backlog_cursor, up_to_seq=self._boundary)
                 for rec in rows:
                     if rec.seq not in handed:  # handed to paho before the outage: paho re-sends it
@@ -235,8 +240,13 @@ class Sink:
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        if acked := self._settle():
-            self._outbox.accept(acked)
+        self._acked.extend(self._settle())
+        if self._acked:
+            try:
+                self._outbox.accept(self._acked)
+            except OutboxError as e:  # a full disk: stop cleanly anyway
+                log.warning("sink.accept_failed", rows=len(self._acked), error=str(e),
+                            hint="these PUBACKed rows are sent again after the restart")
         if self._connected.is_set():
             info = self._client.publish(self.status_topic, self._status(False), qos=1, retain=True)
             # Disconnected meanwhile: the broker publishes our will instead.
