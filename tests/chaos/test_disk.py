@@ -92,12 +92,14 @@ def test_expire_failing_on_a_full_disk_does_not_stop_the_daemon(tmp_path, monkey
     from edge_agent import agent as agent_mod
     from edge_agent import config
     from edge_agent.errors import OutboxError
+    from edge_agent.source import Source
 
     from ..conftest import write_config
 
     cfg = config.load(write_config(tmp_path / "c.toml", source_port=1, sink_port=1, outbox=tmp_path / "o.db"),
                       environ={})
     a = agent_mod.Agent(cfg)
+    a.source = Source(cfg.source, cfg.routes, "never-connected")  # not started: READY never comes, expire does
     a.outbox.open()
     a.outbox._conn.execute("PRAGMA query_only = 1")  # every write now fails inside SQLite, as on ENOSPC
     with pytest.raises(OutboxError):
@@ -108,6 +110,6 @@ def test_expire_failing_on_a_full_disk_does_not_stop_the_daemon(tmp_path, monkey
     monkeypatch.setattr(agent_mod, "EXPIRE_EVERY_S", 0.05)
     stop = threading.Event()
     threading.Timer(2.5, stop.set).start()  # _serve ticks once a second
-    a._serve(stop)  # returns when stop is set; raising here is the bug
+    a._serve(stop, None, None)  # returns when stop is set; raising here is the bug
     a.outbox.close()
     assert len(calls) >= 2, "expire was not retried"
