@@ -118,10 +118,11 @@ class Pipeline:
                     rows.append(self._dead_letter(item, e.reason, lines))
                     reasons.append(e.reason)
                     continue
-                if not pendings:
+                if pendings:
+                    by_route[id(route)].extend(pendings)
+                else:
                     self.ignored += 1
                     lines.append({"topic": item.topic, "input_id": None, "outcome": "ignored", "t0": item.received_at})
-                by_route[id(route)].extend(pendings)
 
         for pendings in by_route.values():
             route = pendings[0].route

@@ -99,8 +99,10 @@ def test_sparkplug_notes_end_to_end(tmp_path: Path, broker: Broker, collect, pub
     agent = Running(cfg)
     try:
         pub = publisher(broker.port)
+        # Measurements only, alone in its batch: ignored and acked, and the pipeline goes on.
+        pub.publish(DDATA, payload(("Temperature", 82.0), seq=2, ts=1_800_000_001_000))
+        assert wait_for(lambda: agent.agent.pipeline.ignored == 1, 30)
         pub.publish(DDATA, payload(("Temperature", 81.5), ("Note", "P-101 seal leaking at 4.5 bar"), seq=1))
-        pub.publish(DDATA, payload(("Temperature", 82.0), seq=2, ts=1_800_000_001_000))  # measurements only
         pub.publish(DDATA, b'{"text": "not protobuf"}')
         assert wait_for(lambda: len(out.json("edge/results/")) >= 1 and len(out.json("edge/deadletter")) >= 1, 30)
         assert wait_for(lambda: agent.agent.pipeline.ignored == 1, 30)
