@@ -44,6 +44,15 @@ def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: flo
     return predicate()
 
 
+def accepting(port: int) -> bool:
+    """Something listens on 127.0.0.1:port (a broker, the metrics endpoint)."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
 class Broker:
     """A real Mosquitto on 127.0.0.1, with persistence in its own directory."""
 
@@ -71,16 +80,9 @@ class Broker:
         self.proc = subprocess.Popen(
             [MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
-        if not wait_for(self._accepting, timeout=10):
+        if not wait_for(lambda: accepting(self.port), timeout=10):
             raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()[-2000:]}")
         return self
-
-    def _accepting(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None and self.proc.poll() is None:

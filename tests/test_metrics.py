@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_agent import config
 from edge_agent.metrics import reason_class
 
-from .conftest import REPO, Broker, free_port, wait_for, write_config
+from .conftest import REPO, Broker, accepting, free_port, wait_for, write_config
 
 MODEL = REPO / "models" / "minilm-l6"
 
@@ -62,7 +62,7 @@ def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent,
                        extra=f"[metrics]\nenabled = true\nport = {port}\n{CLASSIFIER}", routes=ROUTES)
     agent = spawn_agent(cfg, tmp_path / "agent.log")
     try:
-        assert wait_for(lambda: _serving(port), timeout=60), (tmp_path / "agent.log").read_text()
+        assert wait_for(lambda: accepting(port), timeout=60), (tmp_path / "agent.log").read_text()
         assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="source") == 1.0, timeout=30)
         assert wait_for(lambda: "gw-test-source" in broker.log() and "plant/+/notes" in broker.log(), timeout=30)
         pub = publisher(broker.port)
@@ -110,13 +110,6 @@ def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent,
         uplink.stop()
     assert agent.kill(15) == 0
 
-
-def _serving(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 def test_metrics_are_opt_in_and_loopback_by_default() -> None:

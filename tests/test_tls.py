@@ -9,7 +9,6 @@ must fail at start naming its key.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from edge_agent.credentials import preflight
 from edge_agent.errors import ConfigError
 
 from . import test_e2e
-from .conftest import REPO, Broker, free_port, wait_for, write_config
+from .conftest import REPO, Broker, accepting, free_port, wait_for, write_config
 
 run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
 
@@ -101,15 +100,8 @@ class TLSBroker:
                 lines.append("require_certificate true")
         self.broker.conf.write_text("\n".join(lines) + "\n")
         self.broker.start()
-        assert wait_for(lambda: all(_accepting(p) for p in self.port.values()), 10), self.broker.log()[-2000:]
+        assert wait_for(lambda: all(accepting(p) for p in self.port.values()), 10), self.broker.log()[-2000:]
 
-
-def _accepting(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 @pytest.fixture(scope="module")
