@@ -35,6 +35,13 @@ ENV_PREFIX = "EDGE_AGENT__"
 _TOPIC_WILDCARDS = re.compile(r"[+#]")
 
 
+def _no_wildcards(topic: str, what: str) -> str:
+    """A topic we publish to: MQTT wildcards are for subscribing only."""
+    if _TOPIC_WILDCARDS.search(topic):
+        raise ValueError(f"{what} must not contain '+' or '#'")
+    return topic
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -133,9 +140,7 @@ class SinkConfig(BrokerConfig):
     @classmethod
     def _status_concrete(cls, v: str) -> str:
         # paho raises on a wildcard inside its network thread, which would stop the sink's connection for good.
-        if _TOPIC_WILDCARDS.search(v):
-            raise ValueError("status_topic must not contain '+' or '#'")
-        return v
+        return _no_wildcards(v, "status_topic")
 
 
 class OutboxConfig(_Frozen):
@@ -344,8 +349,7 @@ class RouteConfig(_Frozen):
         literal = _PLACEHOLDER.sub("", v)
         if "{" in literal or "}" in literal:
             raise ValueError("unbalanced '{' or '}'")
-        if _TOPIC_WILDCARDS.search(literal):
-            raise ValueError("an output topic must not contain '+' or '#'")
+        _no_wildcards(literal, "an output topic")
         return v
 
 
@@ -377,9 +381,7 @@ class Config(_Frozen):
     @field_validator("dead_letter_topic")
     @classmethod
     def _dlq_concrete(cls, v: str) -> str:
-        if _TOPIC_WILDCARDS.search(v):
-            raise ValueError("dead_letter_topic must not contain '+' or '#'")
-        return v
+        return _no_wildcards(v, "dead_letter_topic")
 
     @model_validator(mode="after")
     def _tasks_exist(self) -> Config:
