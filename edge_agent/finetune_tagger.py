@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import models, tagger
+from . import convert, models, tagger
 from .errors import EdgeAgentError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -77,7 +77,7 @@ def finetune(src: Path, examples: Sequence[dict[str, Any]], hf_out: Path, *,
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    models._quiet_transformers()
+    convert.quiet_transformers()
     say = progress or (lambda _msg: None)
     torch.manual_seed(seed)
     if threads:

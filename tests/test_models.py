@@ -312,7 +312,7 @@ def _tiny_model(family: str):
             **dec, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, rope_parameters=rope,
             attn_logit_softcapping=None, final_logit_softcapping=None)),
         "gemma3_text": lambda: tf.Gemma3ForCausalLM(tf.Gemma3TextConfig(
-            # a window longer than the test text: ctranslate2 4.8 goes wrong beyond it (see models.py)
+            # a window longer than the test text: ctranslate2 4.8 goes wrong beyond it (see convert.py)
             **dec, num_key_value_heads=2, head_dim=8, query_pre_attn_scalar=8, sliding_window=32,
             layer_types=["sliding_attention", "full_attention"],
             rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 300.0},
