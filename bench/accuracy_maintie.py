@@ -49,7 +49,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_agent import tagger  # noqa: E402
+from edge_agent import tagger, tagger_train  # noqa: E402
 
 DATA = Path(os.environ.get("EDGE_AGENT_DATA_DIR", REPO.parent / "shared" / "data")) / "maintie_gold.jsonl"
 ANCHOR = 0.874  # SpERT (BERT, fine-tuned, GPU), 5 classes, same test split: nlp-tlp/maintie RESULTS.md
@@ -94,7 +94,7 @@ def baseline(parts: dict[str, list[dict[str, Any]]], quick: bool) -> dict[str, A
     from sklearn.linear_model import LogisticRegression
 
     layers = 2
-    conv = {k: [tagger.from_maintie(r) for r in v] for k, v in parts.items()}
+    conv = {k: [tagger_train.from_maintie(r) for r in v] for k, v in parts.items()}
     types = sorted({e["type"] for ex in conv["train"] for e in ex["entities"]})
     n_tags = 1 + 2 * len(types)
 
@@ -133,14 +133,14 @@ def baseline(parts: dict[str, list[dict[str, Any]]], quick: bool) -> dict[str, A
     best: tuple[float, float, list[Any]] = (-1.0, 0.0, [])
     for c in (3.0,) if quick else (0.3, 1.0, 3.0, 10.0):
         fitted = [LogisticRegression(C=c, max_iter=3000).fit(x, y[:, d]) for d in range(layers)]
-        f1 = tagger.entity_f1(gold(conv["dev"]), predict(fitted, parts["dev"], conv["dev"]))["f1"]
+        f1 = tagger_train.entity_f1(gold(conv["dev"]), predict(fitted, parts["dev"], conv["dev"]))["f1"]
         if f1 > best[0]:
             best = (f1, c, fitted)
-    test = tagger.entity_f1(gold(conv["test"]), predict(best[2], parts["test"], conv["test"]))
+    test = tagger_train.entity_f1(gold(conv["test"]), predict(best[2], parts["test"], conv["test"]))
     x_raw, y = xy(parts["train"] + parts["dev"], conv["train"] + conv["dev"])
     x = vec.fit_transform(x_raw)
     refit = [LogisticRegression(C=best[1], max_iter=3000).fit(x, y[:, d]) for d in range(layers)]
-    test_refit = tagger.entity_f1(gold(conv["test"]), predict(refit, parts["test"], conv["test"]))
+    test_refit = tagger_train.entity_f1(gold(conv["test"]), predict(refit, parts["test"], conv["test"]))
     return {"name": "word logistic regression (scikit-learn), hand features, same nested-BIO Viterbi decoder",
             "C": best[1], "dev": _round({"f1": best[0]}), "test": _round(test),
             "test_refit_train_dev": _round(test_refit), "seconds": round(time.monotonic() - t0, 1)}
@@ -167,23 +167,24 @@ def tagger_row(name: str, model_dir: Path, parts: dict[str, list[dict[str, Any]]
                baseline_f1: float, refit: bool = False) -> dict[str, Any]:
     from edge_agent.encoder import Encoder
 
-    conv = {k: [tagger.from_maintie(r) for r in v] for k, v in parts.items()}
+    conv = {k: [tagger_train.from_maintie(r) for r in v] for k, v in parts.items()}
     encoder = Encoder(model_dir, intra_threads=2, max_length=128)
     states = {k: encoder.token_states([ex["text"] for ex in v]) for k, v in conv.items()}
     train_rows, dev_rows = (conv["train"] + conv["dev"], None) if refit else (conv["train"], conv["dev"])
 
     def evaluate(head: tagger.TaggerHead, part: str) -> dict[str, Any]:
         pred = head.predict([ex["text"] for ex in conv[part]], states[part])
-        return _round(tagger.entity_f1([ex["entities"] for ex in conv[part]], pred))
+        return _round(tagger_train.entity_f1([ex["entities"] for ex in conv[part]], pred))
 
     opts = tagger.Options()
     t0 = time.monotonic()
-    head = tagger.train(encoder, train_rows, opts, dev=dev_rows)
+    head = tagger_train.train(encoder, train_rows, opts, dev=dev_rows)
     train_s = time.monotonic() - t0
     test = evaluate(head, "test")
     seeds = [test["f1"]]  # the spread over training seeds, same split and options
     for seed in () if quick else (1, 2):
-        seeds.append(evaluate(tagger.train(encoder, train_rows, replace(opts, seed=seed), dev=dev_rows), "test")["f1"])
+        again = tagger_train.train(encoder, train_rows, replace(opts, seed=seed), dev=dev_rows)
+        seeds.append(evaluate(again, "test")["f1"])
     texts = [ex["text"] for part in ("train", "dev", "test") for ex in conv[part]]
     return {
         "name": name, "metric": "entity micro-F1, exact span + type, 5 classes, test", "value": test["f1"],

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from . import convert, models, tagger
+from . import convert, models, tagger, tagger_train
 from .errors import EdgeAgentError
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
@@ -110,7 +110,7 @@ def finetune(src: Path, examples: Sequence[dict[str, Any]], hf_out: Path, *,
                 z = forward(b).numpy()
                 preds += [decoder.decode(ex["text"], sp, z[i, : len(sp)].reshape(len(sp), -1))
                           for i, (ex, sp) in enumerate(zip(rows[k : k + 64], b["spans"], strict=True))]
-        return tagger.entity_f1([ex["entities"] for ex in rows], preds)["f1"]
+        return tagger_train.entity_f1([ex["entities"] for ex in rows], preds)["f1"]
 
     rng = np.random.default_rng(seed)
     t0 = time.monotonic()
@@ -168,8 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     def say(msg: str) -> None:
         print(f"finetune: {msg}", file=sys.stderr)
 
-    examples = tagger.load_examples(args.examples, args.format)
-    dev = tagger.load_examples(args.dev, args.format) if args.dev else None
+    examples = tagger_train.load_examples(args.examples, args.format)
+    dev = tagger_train.load_examples(args.dev, args.format) if args.dev else None
     with tempfile.TemporaryDirectory(prefix="edge-agent-ft-") as tmp:
         source = args.from_hf or default_source(Path(tmp) / "src", args.wheel)
         hf_out = args.hf_out or Path(tmp) / "hf"

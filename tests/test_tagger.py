@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import tagger
+from edge_agent import tagger, tagger_train
 from edge_agent.errors import EdgeAgentError, ModelError
 from edge_agent.processors import Note
 
@@ -35,7 +35,7 @@ needs_data = pytest.mark.skipif(not DATA.is_file(), reason=f"{DATA} is not besid
 
 def _rows() -> list[dict]:
     rows = sorted((json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()), key=lambda r: r["id"])
-    return [tagger.from_maintie(r) for r in rows]
+    return [tagger_train.from_maintie(r) for r in rows]
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def encoder():
 
 @pytest.fixture(scope="module")
 def head(encoder, split) -> tagger.TaggerHead:
-    return tagger.train(encoder, split[0], OPTS)
+    return tagger_train.train(encoder, split[0], OPTS)
 
 
 @pytest.fixture(scope="module")
@@ -135,7 +135,7 @@ def test_entity_f1_counts_exact_span_and_type() -> None:
     gold = [[{"start": 0, "end": 4, "type": "A"}, {"start": 5, "end": 9, "type": "B"}]]
     pred = [[{"start": 0, "end": 4, "type": "A"}, {"start": 5, "end": 8, "type": "B"},
              {"start": 5, "end": 9, "type": "A"}]]
-    r = tagger.entity_f1(gold, pred)
+    r = tagger_train.entity_f1(gold, pred)
     assert (r["precision"], r["recall"]) == (pytest.approx(1 / 3), 0.5)
     assert r["per_type"]["A"]["f1"] == pytest.approx(2 / 3)
 
@@ -145,7 +145,7 @@ def test_entity_f1_counts_exact_span_and_type() -> None:
                                  {"text": "ab", "entities": [{"start": True, "end": 1, "type": "X"}]}])
 def test_bad_examples_are_refused(row) -> None:
     with pytest.raises(EdgeAgentError, match="row 1"):
-        tagger.check_examples([row])
+        tagger_train.check_examples([row])
 
 
 # ---------------------------------------------------------------- the real int8 encoder
@@ -153,7 +153,7 @@ def test_bad_examples_are_refused(row) -> None:
 def test_f1_on_held_out_rows(encoder, head, split) -> None:
     texts = [ex["text"] for ex in split[1]]
     pred = head.predict(texts, encoder.token_states(texts))
-    report = tagger.entity_f1([ex["entities"] for ex in split[1]], pred)
+    report = tagger_train.entity_f1([ex["entities"] for ex in split[1]], pred)
     assert report["f1"] >= F1_FLOOR, report
 
 
@@ -226,8 +226,8 @@ def test_a_file_that_is_not_a_head_is_refused(tmp_path) -> None:
 
 def test_training_is_deterministic(encoder, split) -> None:
     opts = replace(OPTS, epochs=3)
-    a = tagger.train(encoder, split[0][:60], opts)
-    b = tagger.train(encoder, split[0][:60], opts)
+    a = tagger_train.train(encoder, split[0][:60], opts)
+    b = tagger_train.train(encoder, split[0][:60], opts)
     for k, v in a.params.items():
         np.testing.assert_array_equal(b.params[k], v)
     texts = [ex["text"] for ex in split[1]]
@@ -239,7 +239,7 @@ def test_cli_train_and_predict(encoder, split, tmp_path, monkeypatch, capsys) ->
     examples = tmp_path / "train.jsonl"
     examples.write_text("".join(json.dumps(ex) + "\n" for ex in split[0][:60]))
     parser = argparse.ArgumentParser()
-    tagger.add_parser(parser.add_subparsers(dest="command", required=True))
+    tagger_train.add_parser(parser.add_subparsers(dest="command", required=True))
     head = tmp_path / "h.npz"
     args = parser.parse_args(["tagger", "train", "--model", str(MODEL), "--examples", str(examples),
                               "--out", str(head), "--epochs", "3", "--threads", "2"])
