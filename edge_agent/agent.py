@@ -31,7 +31,8 @@ from .credentials import preflight
 from .errors import ConfigError, OutboxError
 from .metrics import Metrics
 from .notify import Notifier, watchdog_interval
-from .outbox import Outbox, OutboxLock
+from .outbox import Outbox
+from .outbox_lock import OutboxLock
 from .pipeline import Pipeline
 from .processors import Task, build_tasks
 from .sink import Sink

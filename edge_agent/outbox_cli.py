@@ -23,7 +23,8 @@ from typing import Any, TextIO
 from paho.mqtt.client import topic_matches_sub
 
 from .errors import ConfigError, OutboxError
-from .outbox import BUSY_TIMEOUT_S, OutboxLock
+from .outbox import BUSY_TIMEOUT_S
+from .outbox_lock import OutboxLock
 
 _CHUNK = 500
 

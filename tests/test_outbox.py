@@ -529,7 +529,7 @@ def test_backward_clock_jump_keeps_future_rows(tmp_path: Path) -> None:
 
 def test_outbox_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     from edge_agent.errors import OutboxError
-    from edge_agent.outbox import OutboxLock
+    from edge_agent.outbox_lock import OutboxLock
 
     db = tmp_path / "outbox.db"
     with OutboxLock(db), pytest.raises(OutboxError, match=r"in use by a running edge-agent \(pid \d+\)"):
