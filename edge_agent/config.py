@@ -128,7 +128,6 @@ class SourceConfig(BrokerConfig):
 
 
 class SinkConfig(BrokerConfig):
-    port: int = Field(1883, ge=1, le=65535)
     inflight: int = Field(64, ge=1, le=65535, description="QoS 1 publishes awaiting PUBACK at once")
     replay_rate: float = Field(
         500.0, gt=0, description="backlog results per second replayed after an outage (token bucket)"
