@@ -15,7 +15,8 @@ Mosquitto, fed the same texts by the QoS 1 publisher; rate = N / (last result re
 Its peer is the same in-process sentence-transformers figure, which does no MQTT and no disk at all.
 
 Texts: every FMC text + every MaintIE gold text, repeated to N (2000 with --quick, 10000 otherwise).
-Each side runs in its own subprocess per round (ru_maxrss = that process's peak RSS), rounds alternate
+Each side runs in its own subprocess per round (ru_maxrss = that process's peak RSS; CPU seconds of all its
+threads per note as `*_cpu_us_per_note`, the figure that load from other jobs disturbs least), rounds alternate
 (bench.common.rounds_of), 3 rounds; figures are medians. Throughput is warm: model load (reported as its
 own row) and one warm-up batch are excluded. Both children get OPENBLAS_NUM_THREADS=1 / OMP_NUM_THREADS=2.
 
@@ -85,14 +86,15 @@ def child(a: argparse.Namespace) -> None:
 
         impl = f"sentence-transformers {sentence_transformers.__version__}, torch {torch.__version__}"
 
-    split = {"embed_s": 0.0, "head_s": 0.0}
+    split = {"embed_s": 0.0, "head_s": 0.0, "cpu_s": 0.0}
 
     def predict(xs: list[str]):
-        t = time.perf_counter()
+        t, cpu = time.perf_counter(), time.process_time()
         emb = embed(xs, batch_size=BATCH)
         t_emb = time.perf_counter()
         out = head.probabilities(emb, xs).argmax(axis=1)
         split["embed_s"], split["head_s"] = t_emb - t, time.perf_counter() - t_emb
+        split["cpu_s"] = time.process_time() - cpu  # all of this process's threads
         return out
 
     load_s = time.perf_counter() - t0
@@ -258,6 +260,9 @@ def run(quick: bool) -> list[dict]:
          "peer_rounds": [round(x["notes_per_s"], 1) for x in results["peer"]] if not peer_error else None,
          "ours_embed_s": fig("ours", "embed_s", 3), "ours_head_s": fig("ours", "head_s", 3),
          "peer_embed_s": fig("peer", "embed_s", 3), "peer_head_s": fig("peer", "head_s", 3),
+         "ours_cpu_us_per_note": _med([x["cpu_s"] / x["n"] * 1e6 for x in results["ours"]], 0),
+         "peer_cpu_us_per_note": (_med([x["cpu_s"] / x["n"] * 1e6 for x in results["peer"]], 0)
+                                  if not peer_error else None),
          "target": "ratio >= 5 (ours / peer)", "warm": "model load and a warm-up batch excluded",
          "head_train_s": round(train_s, 2), "loadavg_before": [round(x, 2) for x in load0],
          "loadavg_after": [round(x, 2) for x in load1]},

@@ -103,6 +103,20 @@ def test_embed_does_not_depend_on_batching(encoder):
     assert encoder.embed([]).shape == (0, 384)
 
 
+def test_parallel_sub_batches_give_the_same_vectors(minilm, encoder):
+    from edge_agent.encoder import Encoder
+
+    par = Encoder(minilm, intra_threads=1, inter_threads=2)  # sub-batches two at a time, one thread each
+    texts = SENTENCES * 3
+    np.testing.assert_array_equal(par.embed(texts, batch_size=8), encoder.embed(texts, batch_size=8))
+    for a, b in zip(par.token_states(texts, batch_size=8), encoder.token_states(texts, batch_size=8), strict=True):
+        np.testing.assert_array_equal(a.states, b.states)
+        assert a.offsets == b.offsets and a.special == b.special
+    # fewer notes than two batches: cut in two so both threads work; same vectors up to int8 noise
+    np.testing.assert_allclose(par.embed(SENTENCES[:5]), encoder.embed(SENTENCES[:5]), atol=2e-3)
+    assert par.embed([]).shape == (0, 384) and par.embed([""]).shape == (1, 384)
+
+
 def test_token_states_carry_offsets_and_pool_to_the_embedding(encoder):
     text = "Pump P-101 leaking oil"
     (states, offsets, special), = encoder.token_states([text])
