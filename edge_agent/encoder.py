@@ -5,13 +5,14 @@ Loaded from a model directory built by `edge_agent.models` (hashes verified firs
 `token_states` gives each token's last hidden state with its character span, for token taggers.
 CTranslate2 releases the GIL, so one Encoder may be shared by threads (up to `inter_threads` at once).
 With `inter_threads` > 1 one call also runs that many sub-batches at once, each on `intra_threads` threads
-(same sub-batches, same vectors; a call smaller than that many batches is cut smaller, which moves a padded
-note's int8 vector by about what a different batch-mate does). On the shared 2-core bench machine
-`intra_threads=1, inter_threads=2` was no faster than the default `intra_threads=2`, so that stays.
+(batches hold notes of one token length, so a note's vector never depends on how a call is cut). On the
+shared 2-core bench machine `intra_threads=1, inter_threads=2` was no faster than the default
+`intra_threads=2`, so that stays.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
@@ -98,9 +99,17 @@ class Encoder:
 
     @staticmethod
     def _batches(encodings: Sequence[tokenizers.Encoding], batch_size: int) -> list[list[int]]:
-        """Indices of non-empty encodings, grouped by similar length so that batches carry little padding."""
+        """Indices of non-empty encodings in batches of one token length each: no padding at all.
+
+        With int8, padding moves a note's vector (up to 0.017 in one component, measured on FMC notes), so a
+        note's label could depend on what arrived in the same batch. Equal lengths make every vector the one
+        the note gets alone, and cost nothing measurable (2000 notes: 67 batches instead of 54, same CPU)."""
         order = sorted((i for i, e in enumerate(encodings) if e.ids), key=lambda i: len(encodings[i].ids))
-        return [order[start : start + batch_size] for start in range(0, len(order), batch_size)]
+        batches: list[list[int]] = []
+        for _, same in itertools.groupby(order, key=lambda i: len(encodings[i].ids)):
+            group = list(same)
+            batches += [group[start : start + batch_size] for start in range(0, len(group), batch_size)]
+        return batches
 
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """[len(texts), dim] float32 (read-only): mean over the tokens (specials included, as
