@@ -3,14 +3,18 @@ batched, static prompt cache) against llama-cpp-python on the Q4_1 GGUF that the
 
 Both sides get the same prompts and the same procedure, greedy, each in its own process, same thread count:
 - prompt: the task's own (system + one worked example + the note), tokens computed once by
-  edge_agent.generator.Prompter and handed to both sides as ids (the first field's prompt, with the task's
-  left padding to a multiple of 8 tokens; ours re-pads before each later field, which is what lets it batch);
+  edge_agent.generator.Prompter and handed to both sides as ids (with the task's left padding to a multiple
+  of 8 tokens, kept for all fields);
 - forced skeleton: for each field, continue `prompt + {"f1": "v1", ..., "fk": "` until a token containing a
   double quote, an end-of-turn token or max_field_tokens (16); keep the generated tokens, append the next
   key's tokens, go on. Values are compared between the sides (`agreement`: all fields equal).
-- ours: GeneratorTask.generate over all notes at once (fields stepped for the whole batch, notes of equal
-  prompt length decoded together, static prompt = system + example, cached by CTranslate2), with
-  inter_threads = cores and intra_threads = 1 (rows generate_threads and _1_thread show the alternatives).
+- ours: GeneratorTask.generate over all notes at once (notes of equal prompt length decoded together, static
+  prompt = system + example, cached by CTranslate2), with inter_threads = cores and intra_threads = 1 (rows
+  generate_threads and _1_thread show the alternatives). It computes the same procedure in two stages: a
+  free run that follows the skeleton token by token and stops a note where the model writes anything else
+  than the next key, then the forced rounds for the fields left (see edge_agent.generator). Every token is
+  forwarded once, as by the peer; the peer forces the keys (a prefill of a few tokens, cheaper for it than
+  decoding them) because it keeps a note's state between calls, which CTranslate2 cannot.
 - peer: llama_cpp.Llama (n_threads as ours, n_ctx 1024), one note at a time, Llama.generate(top_k=1, temp=0),
   which reuses the longest common prefix of its KV cache with the previous call: the static prompt and, within
   a note, everything forced so far (llama.cpp's equivalent of the prompt cache, arguably stronger than ours).

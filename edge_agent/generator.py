@@ -1,21 +1,21 @@
 """Generator task: configured fields extracted by a small int8 decoder (SmolLM2 by default), grounded.
 
 JSON by construction. CTranslate2 has no grammar hook, so the model never writes the JSON syntax: the
-assistant turn is a fixed key skeleton that we force, and the model only fills the values. For each field in
-order, every note of the batch is continued from `prompt + {"f1": "v1", ..., "fk": "` until a token that
-contains a double quote (cut there), an end-of-turn token, or `max_field_tokens`. The generated tokens are
-kept as they are and the next key is appended as tokens, so the model sees exactly what it wrote.
+assistant turn is a fixed key skeleton, and the model only fills the values. Each field's value is the greedy
+continuation of `prompt + {"f1": "v1", ..., "fk": "` until a token that contains a double quote (cut there),
+an end-of-turn token, or `max_field_tokens`; the generated tokens are kept as they are and the next key is
+appended as tokens, so the model sees exactly what it wrote. The prompt is in edge_agent.prompt.
 
-Prompt (ChatML or another known chat format, read from tokenizer_config.json's chat_template): a system turn
-(instruction + the fields and their descriptions), ONE worked example (a user turn with a maintenance note,
-an assistant turn with its JSON), then the note. Everything up to the note is the same for every message:
-it is passed as `static_prompt`, which CTranslate2 forwards once and caches (2-3x more notes/s). The
-example's values are spans of one fixed, realistic note (`EXAMPLE_NOTE`); a configured field gets the
-example value whose keywords appear in its name (then its description), or "" when none fits (which also
-shows the model that "" is how to say "not mentioned").
-
-Batching: each field is one generate_batch round for all notes. Only prompts of equal length share a batch
-(see GeneratorTask), so a note's result does not depend on what else is in its batch.
+Run in two stages (GeneratorTask.generate), which is the same procedure computed once per token, the way
+llama.cpp does it with its prefix cache: CTranslate2 cannot keep a note's state between calls, so forcing
+each key in a call of its own would forward the note again for every field.
+- free run: one call per batch continues each note past its first value; a callback follows the skeleton
+  token by token and stops a note as soon as its tokens leave it (the model wrote something other than the
+  next key) or its last value is done. SmolLM2 writes the keys itself for ~85 % of notes.
+- forced: a note stopped early resumes at its next field, from its prompt + everything kept so far + that
+  field's key, one generate_batch round per field, as before.
+Only prompts of equal length share a batch (see GeneratorTask), so a note's result does not depend on what
+else is in its batch.
 
 Grounding: the model's values are often wrong (SmolLM2 copies the example, paraphrases, invents). A value
 is published only as a span of the note: searched case-insensitively with white space normalised, first at
@@ -31,58 +31,27 @@ Result per note: `{"fields": {name: {"text", "start", "end"} | null}, "ungrounde
 from __future__ import annotations
 
 import itertools
-import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import ctranslate2
-import tokenizers
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from . import models
 from .config import GeneratorTaskConfig
 from .errors import ModelError
 from .processors import Note, heartbeat
+from .prompt import EXAMPLE_NOTE, Prompter, chat_format, example_values
 
-SYSTEM = (
-    'Extract fields from the maintenance note. Copy each value exactly from the note. If the note does not say, '
-    'write "".\nFields:\n'
-)
-EXAMPLE_NOTE = "Line 2 pump P-204 tripped on E-042, high vibration 7.1 mm/s from misalignment; replaced bearing, 2.5 h"
-# (keywords, value) rows for the worked example's values (see example_values). Each value is a span of
-# EXAMPLE_NOTE.
-EXAMPLE_VALUES: tuple[tuple[tuple[str, ...], str], ...] = (
-    (("asset", "equipment", "machine", "component", "device", "object", "unit", "tag"), "pump P-204"),
-    (("symptom", "problem", "fault", "failure", "issue", "state", "condition", "defect", "wrong"), "high vibration"),
-    (("action", "activity", "work", "repair", "fix", "task", "done", "doing", "remedy"), "replaced bearing"),
-    (("cause", "reason", "root", "why"), "misalignment"),
-    (("alarm", "code", "error", "trip"), "E-042"),
-    (("part", "spare", "spares"), "bearing"),
-    (("location", "area", "line", "site", "where", "position"), "Line 2"),
-    (("measurement", "value", "reading", "vibration", "measured"), "7.1 mm/s"),
-    (("duration", "downtime", "hours", "time", "long"), "2.5 h"),
-)
-MAX_NOTE_TOKENS = 512  # a longer note is cut for the model (grounding still searches all of it)
+__all__ = ["EXAMPLE_NOTE", "GeneratorTask", "Prompter", "chat_format", "check_result", "example_values", "ground",
+           "ground_words", "grounded_result", "is_null", "result_schema"]
+
 NULL_VALUES = frozenset(
     {"", "none", "n/a", "na", "null", "nil", "-", "--", "unknown", "not mentioned", "not specified"})
 _STRIP = " \t\r\n.,;:"
-
-# Chat formats by a marker of their chat_template: (system turn, user turn, assistant start, assistant end).
-# A format without a system role gets the system text at the top of the first user turn.
-CHAT_FORMATS: dict[str, tuple[str | None, str, str, str]] = {
-    "<|im_start|>": ("<|im_start|>system\n{}<|im_end|>\n", "<|im_start|>user\n{}<|im_end|>\n",
-                     "<|im_start|>assistant\n", "<|im_end|>\n"),  # ChatML: SmolLM2, Qwen2
-    "<|start_header_id|>": ("<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
-                            "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
-                            "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),  # Llama 3
-    "<|assistant|>": ("<|system|>\n{}<|end|>\n", "<|user|>\n{}<|end|>\n", "<|assistant|>\n", "<|end|>\n"),  # Phi-3
-    "<start_of_turn>": (None, "<start_of_turn>user\n{}<end_of_turn>\n", "<start_of_turn>model\n",
-                        "<end_of_turn>\n"),  # Gemma
-}
-
 
 # ---------------------------------------------------------------- grounding (pure logic)
 
@@ -226,102 +195,6 @@ def check_result(schema: type[BaseModel], text: str, result: dict[str, Any]) -> 
             raise ValueError(f"field {name!r}: {span!r} is not a span of the note")
 
 
-# ---------------------------------------------------------------- prompt
-
-def example_values(fields: dict[str, str]) -> dict[str, str]:
-    """The worked example's value for each field: the first EXAMPLE_VALUES row holding a word of the field's
-    name, last word first ("fault_code" is a code), else a word of its description; else ""."""
-    out = {}
-    for name, description in fields.items():
-        words = [*reversed(name.split("_")), *re.findall(r"[a-z]+", description.lower())]
-        out[name] = next((v for w in words for keys, v in EXAMPLE_VALUES if w in keys), "")
-    return out
-
-
-def chat_format(model_dir: Path) -> tuple[str | None, str, str, str]:
-    try:
-        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ModelError(f"{model_dir}: cannot read tokenizer_config.json for the chat template: {e}") from e
-    template = cfg.get("chat_template") or ""
-    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
-    for marker, fmt in CHAT_FORMATS.items():
-        if marker in template:
-            return fmt
-    raise ModelError(f"{model_dir}: unknown chat template (supported: ChatML, Llama 3, Phi-3, Gemma); "
-                     "the generator task needs an instruction-tuned model with one of these")
-
-
-def _key(name: str, first: bool) -> str:
-    return ('{"' if first else '", "') + name + '": "'
-
-
-# ---------------------------------------------------------------- prompt tokens
-
-class Prompter:
-    """The tokens of the prompt and of the forced skeleton for one model and one set of fields. Needs only
-    the tokenizer files, so that benchmarks can hand a peer exactly the same prompts."""
-
-    def __init__(self, model_dir: Path, fields: dict[str, str]) -> None:
-        system_turn, user_turn, assistant_start, assistant_end = chat_format(model_dir)
-        self.fields = dict(fields)
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
-        self.tokenizer.no_padding()
-        self.tokenizer.no_truncation()
-        system = SYSTEM + "".join(f"- {k}: {v}\n" for k, v in self.fields.items())
-        example = json.dumps(example_values(self.fields))
-        if system_turn is None:
-            static = user_turn.format(system + "\n" + EXAMPLE_NOTE)
-        else:
-            static = system_turn.format(system) + user_turn.format(EXAMPLE_NOTE)
-        static += assistant_start + example + assistant_end
-        head, _, turn_end = user_turn.partition("{}")
-        self.turn_end = turn_end + assistant_start
-        # The static part is encoded with the tokenizer's specials (a BOS where the model wants one).
-        self.static = self.tokenizer.encode(static + head, add_special_tokens=True).tokens
-        self.specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
-        self.keys = [_key(k, i == 0) for i, k in enumerate(self.fields)]
-        self.filler = (self.encode(" ") or self.encode("\n"))[0]
-        vocab = self.tokenizer.get_vocab()
-        pieces = self.tokenizer.decode_batch([[i] for i in range(self.tokenizer.get_vocab_size())],
-                                             skip_special_tokens=False)
-        self.quote_ids = frozenset(i for i, piece in enumerate(pieces) if '"' in piece)
-        ends = (assistant_end.strip(), "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
-        self.eos_ids = frozenset(vocab[t] for t in ends if t in vocab)
-
-    def encode(self, text: str) -> list[str]:
-        return self.tokenizer.encode(text, add_special_tokens=False).tokens
-
-    def token(self, token_id: int) -> str:
-        return self.tokenizer.id_to_token(token_id) or ""
-
-    def tail(self, text: str) -> list[str]:
-        """The note's own part of the prompt, up to the first value. A special token written in the note
-        (`<|im_end|>`...) is broken up so that a note cannot end its turn or forge another one."""
-        for special in self.specials:
-            if special in text:
-                text = text.replace(special, special[0] + " " + special[1:])
-        return self.encode(text)[:MAX_NOTE_TOKENS] + self.encode(self.turn_end + self.keys[0])
-
-    def prompt(self, text: str, pad_multiple: int = 1) -> list[str]:
-        """The whole prompt of the first field, static part included (tests; peers that must see the same)."""
-        return self.static + self.pad(self.tail(text), pad_multiple)
-
-    def pad(self, tail: list[str], multiple: int) -> list[str]:
-        """The tail left-padded with white space tokens (after the user turn's header, before the note) to a
-        multiple of `multiple` tokens."""
-        return [self.filler] * (-len(tail) % multiple) + tail
-
-    def cut(self, ids: list[int]) -> tuple[int, str]:
-        """Where a generated value ends: (tokens kept, text of the stop token before its quote)."""
-        if ids and ids[-1] in self.quote_ids:
-            return len(ids) - 1, self.tokenizer.decode(ids[-1:], skip_special_tokens=False).split('"', 1)[0]
-        if ids and ids[-1] in self.eos_ids:
-            return len(ids) - 1, ""
-        return len(ids), ""
-
-
 # ---------------------------------------------------------------- the task
 
 class GeneratorTask:
@@ -359,27 +232,33 @@ class GeneratorTask:
         self._end_tokens = sorted(self.prompter.quote_ids | self.prompter.eos_ids)
         self.schema = result_schema(list(self.fields))
 
-    def _continue(self, tails: Sequence[list[str]]) -> list[list[int]]:
-        """One field for every note: the ids generated after each tail, up to and with the stop token."""
+    def _options(self, **kw: Any) -> dict[str, Any]:
+        options: dict[str, Any] = dict(return_end_token=True, include_prompt_in_result=False, beam_size=1,
+                                       sampling_topk=1, **kw)
+        if self.use_static_prompt:
+            options["static_prompt"] = self.prompter.static
+        return options
+
+    def _run(self, prompts: Sequence[list[str]], options: dict[str, Any],
+             callback: Callable[[int, int], bool] | None = None) -> list[list[int]]:
+        """Generate for every prompt, in batches of equal length: the ids generated after each prompt, up to
+        and with the stop token. `callback(prompt index, token id)` is called for each generated token and
+        stops that prompt's generation when it returns True."""
         if self._model is None:
             raise ModelError(f"task {self.name!r} is closed")
-        options: dict[str, Any] = dict(
-            max_length=self.cfg.max_field_tokens, end_token=self._end_tokens, return_end_token=True,
-            include_prompt_in_result=False, beam_size=1, sampling_topk=1)
-        static = self.prompter.static
-        if self.use_static_prompt:
-            options["static_prompt"] = static
-        prompts = [self.prompter.pad(t, self.pad_multiple) for t in tails]
         if not self.use_static_prompt:
-            prompts = [static + p for p in prompts]
+            prompts = [self.prompter.static + p for p in prompts]
         by_length: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_length.setdefault(len(p), []).append(i)
         groups = [g[k : k + self.batch_size] for g in by_length.values() for k in range(0, len(g), self.batch_size)]
         # Submitted together so that inter_threads > 1 runs groups in parallel (CTranslate2 drops the GIL).
-        pending = [self._model.generate_batch([prompts[i] for i in g], asynchronous=True, **options)
-                   for g in groups]
-        out: list[list[int]] = [[] for _ in tails]
+        pending = []
+        for g in groups:
+            if callback is not None:
+                options["callback"] = lambda step, g=g: callback(g[step.batch_id], step.token_id)
+            pending.append(self._model.generate_batch([prompts[i] for i in g], asynchronous=True, **options))
+        out: list[list[int]] = [[] for _ in prompts]
         for g, futures in zip(groups, pending, strict=True):
             for i, future in zip(g, futures, strict=True):
                 out[i] = future.result().sequences_ids[0]
@@ -387,22 +266,21 @@ class GeneratorTask:
         return out
 
     def generate(self, texts: Sequence[str]) -> list[dict[str, str]]:
-        """The model's raw value for each field of each text (not grounded). Fields are stepped for all
-        texts together: each step continues every note's prompt + the skeleton filled so far."""
+        """The model's raw value for each field of each text (not grounded): a free run for all texts, then
+        the fields of the notes that left the skeleton, one forced round per field (see the module doc)."""
         p = self.prompter
-        tails = [p.tail(t) for t in texts]
-        values: list[dict[str, str]] = [{} for _ in texts]
-        names = list(self.fields)
-        for k, name in enumerate(names):
-            if not tails:
-                break
-            for i, ids in enumerate(self._continue(tails)):
-                keep, rest = p.cut(ids)
-                values[i][name] = p.tokenizer.decode(ids[:keep]) + rest
-                if k + 1 < len(names):
-                    # The generated tokens stay as they are; the next key is appended as tokens.
-                    tails[i] += [p.token(t) for t in ids[:keep]] + p.encode(rest + p.keys[k + 1])
-        return values
+        prompts = [p.pad(p.tail(t), self.pad_multiple) for t in texts]
+        notes = [_Skeleton(p, len(self.fields), self.cfg.max_field_tokens) for _ in texts]
+        free_length = len(self.fields) * self.cfg.max_field_tokens + sum(len(p.encode(k)) for k in p.keys)
+        self._run(prompts, self._options(max_length=free_length, end_token=sorted(p.eos_ids)),
+                  lambda i, token: notes[i].step(token))
+        forced = self._options(max_length=self.cfg.max_field_tokens, end_token=self._end_tokens)
+        for k in range(len(self.fields)):
+            todo = [i for i, n in enumerate(notes) if len(n.values) == k]
+            for i, ids in zip(todo, self._run([prompts[i] + notes[i].forced for i in todo], forced), strict=True):
+                notes[i].value(ids)
+            heartbeat()  # a field's round done, even an empty one (the watchdog listens)
+        return [dict(zip(self.fields, n.values, strict=True)) for n in notes]
 
     def process(self, notes: Sequence[Note]) -> list[dict[str, Any]]:
         texts = [n.text for n in notes]
@@ -417,3 +295,48 @@ class GeneratorTask:
         if self._model is not None:
             self._model.unload_model()
             self._model = None
+
+
+class _Skeleton:
+    """One note's way through the key skeleton: its values so far, and the tokens (as strings) that follow
+    its prompt to ask for the next field: the kept tokens of each value and the keys after them."""
+
+    def __init__(self, prompter: Prompter, fields: int, max_tokens: int) -> None:
+        self.p = prompter
+        self.fields = fields
+        self.max_tokens = max_tokens
+        self.values: list[str] = []
+        self.forced: list[str] = []
+        self.ids: list[int] = []  # the value being generated (free run)
+        self.expect: list[int] = []  # the rest of the key that the free run must write next
+
+    def value(self, ids: list[int]) -> list[int]:
+        """A value is done (its generated ids with the stop token, if any): record it, append what is kept of
+        it and the next key to `forced`; return the next key's ids."""
+        keep, rest = self.p.cut(ids)
+        self.values.append(self.p.tokenizer.decode(ids[:keep]) + rest)
+        if len(self.values) == self.fields:
+            return []
+        key = self.p.encode(rest + self.p.keys[len(self.values)])
+        self.forced += [self.p.token(t) for t in ids[:keep]] + key
+        return [self.p.vocab[t] for t in key]
+
+    def step(self, token: int) -> bool:
+        """One token of the free run; True to stop it: the last value is done, or the token is not the one
+        the skeleton wants (the note then resumes with the forced procedure at its next field)."""
+        if self.expect:
+            if token != self.expect[0]:
+                return True
+            del self.expect[0]
+            return False
+        self.ids.append(token)
+        if not (token in self.p.quote_ids or token in self.p.eos_ids or len(self.ids) >= self.max_tokens):
+            return False
+        ids, self.ids = self.ids, []
+        self.expect = self.value(ids)
+        stop = ids[self.p.cut(ids)[0] :]  # the quote or end token that ended the value: the key's first token?
+        if stop:
+            if not self.expect or stop[0] != self.expect[0] or stop[0] in self.p.eos_ids:
+                return True
+            del self.expect[0]
+        return len(self.values) == self.fields
