@@ -42,6 +42,7 @@ DATA = Path(os.environ.get("EDGE_AGENT_DATA") or REPO.parent / "shared" / "data"
 sys.path.insert(0, str(REPO))
 
 from edge_agent import classifier as clf  # noqa: E402
+from edge_agent import classifier_train  # noqa: E402
 from edge_agent.encoder import Encoder  # noqa: E402
 
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
@@ -95,8 +96,8 @@ def predict(head: clf.Head, split: Split, enc: Encoder | None, temperature: floa
 
 def fit(train: Split, enc: Encoder, features: clf.Features, c: float, folds: int = 0) -> clf.Head:
     emb = train.emb(enc) if features.w_emb else None
-    return clf.train(train.texts, train.labels, emb, encoder_sha=clf.encoder_sha256(enc), features=features,
-                     c=c, folds=folds)
+    return classifier_train.train(train.texts, train.labels, emb, encoder_sha=clf.encoder_sha256(enc),
+                                  features=features, c=c, folds=folds)
 
 
 def choose(candidates: list[tuple[Any, ...]], evaluate: Callable[..., dict[str, float]]) -> tuple[Any, dict]:

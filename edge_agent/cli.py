@@ -143,9 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     _add_models(sub)
-    from . import classifier, outbox_cli, tagger_train
+    from . import classifier_train, outbox_cli, tagger_train
 
-    classifier.add_parser(sub)
+    classifier_train.add_parser(sub)
     tagger_train.add_parser(sub)
     outbox_cli.add_parser(sub)
     return ap

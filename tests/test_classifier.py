@@ -20,7 +20,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 import pytest
 
-from edge_agent import classifier
+from edge_agent import classifier, classifier_train
 from edge_agent.config import ClassifierTaskConfig
 from edge_agent.errors import ModelError
 from edge_agent.processors import Note
@@ -60,8 +60,8 @@ def fmc() -> dict[str, list[dict]]:
 @pytest.fixture(scope="module")
 def head_path(encoder, fmc, tmp_path_factory) -> Path:
     texts = [r["text"] for r in fmc["train"]]
-    head = classifier.train(texts, [r["label"] for r in fmc["train"]], encoder.embed(texts),
-                            encoder_sha=classifier.encoder_sha256(encoder))
+    head = classifier_train.train(texts, [r["label"] for r in fmc["train"]], encoder.embed(texts),
+                                  encoder_sha=classifier.encoder_sha256(encoder))
     path = tmp_path_factory.mktemp("head") / "fmc.npz"
     head.save(path)
     return path
@@ -111,7 +111,7 @@ def test_training_is_deterministic(encoder, fmc, tmp_path):
     rows = fmc["train"][:120]
     texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
     emb = encoder.embed(texts)
-    a, b = (classifier.train(texts, labels, emb, encoder_sha="x") for _ in range(2))
+    a, b = (classifier_train.train(texts, labels, emb, encoder_sha="x") for _ in range(2))
     assert a.temperature == b.temperature
     assert np.array_equal(a.w_char, b.w_char) and np.array_equal(a.w_emb, b.w_emb)
 
@@ -174,7 +174,7 @@ def test_char_ngram_hash_is_stable():
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-agent")
-    classifier.add_parser(ap.add_subparsers(dest="command", required=True))
+    classifier_train.add_parser(ap.add_subparsers(dest="command", required=True))
     return ap
 
 
