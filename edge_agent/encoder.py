@@ -64,11 +64,9 @@ class Encoder:
         self._last: tuple[Any, np.ndarray] | None = None  # (texts, embeddings) of the last embed() call
 
     def _forward(self, ids: Sequence[Sequence[int]]) -> np.ndarray:
-        """Right-padded ids → last_hidden_state [batch, max_len, dim]; padded positions are garbage."""
-        lengths = np.fromiter((len(x) for x in ids), dtype=np.int32, count=len(ids))
-        dense = np.zeros((len(ids), int(lengths.max())), dtype=np.int32)
-        for row, x in enumerate(ids):
-            dense[row, : len(x)] = x
+        """Ids of one length (see _batches) → last_hidden_state [batch, length, dim]."""
+        dense = np.array(ids, dtype=np.int32)
+        lengths = np.full(len(ids), dense.shape[1], dtype=np.int32)
         out = self._model.forward_batch(ctranslate2.StorageView.from_array(dense),
                                         ctranslate2.StorageView.from_array(lengths))
         return np.asarray(out.last_hidden_state)
@@ -130,10 +128,7 @@ class Encoder:
         encodings = self._encode(texts)
         out = np.zeros((len(encodings), self.dim), dtype=np.float32)
         for idx, hidden in self._forwards(encodings, batch_size):
-            lengths = np.array([len(encodings[i].ids) for i in idx])
-            mask = (np.arange(hidden.shape[1])[None, :] < lengths[:, None]).astype(np.float32)
-            pooled = (hidden * mask[:, :, None]).sum(axis=1) / lengths[:, None]
-            out[idx] = pooled
+            out[idx] = hidden.mean(axis=1)  # no padding: every position is a token of its note
         norms = np.linalg.norm(out, axis=1, keepdims=True)
         return out / np.maximum(norms, 1e-12)
 
@@ -145,7 +140,6 @@ class Encoder:
         for idx, hidden in self._forwards(encodings, batch_size):
             for row, i in enumerate(idx):
                 enc = encodings[i]
-                n = len(enc.ids)
-                result[i] = TokenStates(hidden[row, :n].copy(), list(enc.offsets),
+                result[i] = TokenStates(hidden[row].copy(), list(enc.offsets),
                                         [bool(s) for s in enc.special_tokens_mask])
         return result
