@@ -176,6 +176,9 @@ class _StateCollector(Collector):
                                   "(replays included)", value=self._sink.published)
         yield CounterMetricFamily("edge_agent_results_replayed", "Backlog rows replayed after an outage or restart",
                                   value=self._sink.replayed)
+        yield CounterMetricFamily("edge_agent_results_rejected", "Publishes the uplink broker refused (PUBACK "
+                                  "reason code >= 0x80, e.g. not authorized); the row stays and is retried",
+                                  value=self._sink.rejected)
 
 
 def _file_bytes(path: os.PathLike[str] | str) -> int:

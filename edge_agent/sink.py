@@ -88,7 +88,7 @@ class Sink:
         self._thread: threading.Thread | None = None
         self.published = 0
         self.replayed = 0
-        self.failures = 0
+        self.rejected = 0  # PUBACKs with a failure reason code (each row is retried after RETRY_DELAY_S)
         self.reconnects = 0
 
     def _status(self, online: bool) -> bytes:
@@ -154,7 +154,7 @@ class Sink:
                 continue  # the status message
             if is_failure(rc):
                 self._failed.append((time.monotonic() + RETRY_DELAY_S, item))
-                self.failures += 1
+                self.rejected += 1
                 topic = split_retain(item.record.topic)[0]
                 log.error("sink.publish_rejected", reason=str(rc), topic=topic, id=item.record.id)
             else:

@@ -53,6 +53,19 @@ def accepting(port: int) -> bool:
         return False
 
 
+
+def log_events(path: Path, event: str) -> list[dict]:
+    """The records of one event in a JSON log file written by the daemon (other lines skipped)."""
+    out = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(rec, dict) and rec.get("event") == event:
+            out.append(rec)
+    return out
+
 class Broker:
     """A real Mosquitto on 127.0.0.1, with persistence in its own directory."""
 

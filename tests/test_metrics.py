@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from edge_agent import config
 from edge_agent.metrics import reason_class
 
-from .conftest import REPO, Broker, accepting, free_port, wait_for, write_config
+from .conftest import REPO, Broker, accepting, free_port, log_events, wait_for, write_config
 
 MODEL = REPO / "models" / "minilm-l6"
 
@@ -110,6 +111,49 @@ def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent,
         uplink.stop()
     assert agent.kill(15) == 0
 
+
+
+def test_rows_the_uplink_refuses_stay_until_it_accepts(tmp_path: Path, broker, spawn_agent, publisher, collect) -> None:
+    """The uplink's ACL refuses our result topic (Mosquitto answers PUBACK 0x87 not authorized): every row stays
+    in the outbox, each refusal is logged and counted, and nothing is lost. Once the ACL allows the topic
+    (Mosquitto re-reads it on SIGHUP), the retried rows are delivered and leave the outbox."""
+    uplink = Broker(tmp_path / "uplink")
+    acl = uplink.dir / "acl"
+    acl.write_text("topic read #\ntopic write edge/status/#\n")  # results and dead letters refused
+    with uplink.conf.open("a") as f:
+        f.write(f"acl_file {acl}\n")
+    uplink.start()
+    port = free_port()
+    log = tmp_path / "agent.log"
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
+                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
+    results = collect(uplink.port, "edge/results/#")
+    spawn_agent(cfg, log)
+    try:
+        assert wait_for(lambda: accepting(port), timeout=60), log.read_text()
+        assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="source") == 1.0, timeout=30)
+        assert wait_for(lambda: "plant/+/notes" in broker.log(), timeout=30)
+        pub = publisher(broker.port)
+        for i in range(5):
+            pub.note("plant/line1/notes", i)
+        assert wait_for(lambda: value(scrape(port), "edge_agent_results_rejected_total") >= 5.0, timeout=30), \
+            log.read_text()[-2000:]
+        refused = log_events(log, "sink.publish_rejected")
+        assert refused and all(e["reason"] == "Not authorized" for e in refused)
+        assert {e["topic"] for e in refused} == {"edge/results/plant/line1/notes"}
+        s = scrape(port)
+        assert value(s, "edge_agent_outbox_rows") == 5.0 and value(s, "edge_agent_results_acked_total") == 0.0
+        assert results.json() == []
+
+        acl.write_text("topic read #\ntopic write edge/#\n")
+        uplink.proc.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: value(scrape(port), "edge_agent_outbox_rows") == 0.0, timeout=30), \
+            log.read_text()[-2000:]
+        assert wait_for(lambda: len(results.json()) >= 5, timeout=10)
+        assert sorted({r["input_id"] for r in results.json()}) == ["n0", "n1", "n2", "n3", "n4"]
+        assert value(scrape(port), "edge_agent_results_acked_total") == 5.0
+    finally:
+        uplink.stop()
 
 
 def test_metrics_are_opt_in_and_loopback_by_default() -> None:

@@ -19,7 +19,7 @@ from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.notify import Notifier
 
-from .conftest import REPO, free_port, wait_for, write_config
+from .conftest import REPO, free_port, log_events, wait_for, write_config
 
 MODEL = REPO / "models" / "minilm-l6"
 
@@ -56,17 +56,6 @@ threshold = {threshold}
 def routes(tasks: list[str], *extra: str) -> str:
     return ROUTES.replace("TASKS", json.dumps(tasks)) + "".join(extra)
 
-
-def log_events(path: Path, event: str) -> list[dict]:
-    out = []
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(rec, dict) and rec.get("event") == event:
-            out.append(rec)
-    return out
 
 
 def start_agent(spawn_agent, broker, cfg: Path, log: Path):
