@@ -50,4 +50,17 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     # paho logs every packet at DEBUG; keep it at WARNING unless debugging.
-    logging.getLogger("paho").setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    paho = logging.getLogger("paho")
+    paho.setLevel(logging.DEBUG if level == "debug" else logging.WARNING)
+    paho.filters[:] = [_not_connected_is_debug]
+
+
+def _not_connected_is_debug(record: logging.LogRecord) -> bool:
+    """paho logs "Client is not connected" at ERROR after every failed connection attempt (and once at a
+    clean stop); `<link>.unreachable` already says so with the address, so it is DEBUG here."""
+    if not str(record.msg).startswith("Client is not connected"):
+        return True
+    if not logging.getLogger("paho").isEnabledFor(logging.DEBUG):
+        return False
+    record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+    return True

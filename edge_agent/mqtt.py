@@ -12,6 +12,7 @@ import logging
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
+import structlog
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -19,6 +20,8 @@ from paho.mqtt.properties import Properties
 from .config import BrokerConfig
 from .credentials import password
 from .tls import tls_context
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +53,11 @@ def make_client(
     client.max_inflight_messages_set(inflight)
     client.max_queued_messages_set(0)  # unbounded: our own window keeps paho's queue small
     client.reconnect_delay_set(cfg.reconnect_min_delay, cfg.reconnect_max_delay)
+    # paho calls this after each failed attempt (refused, unreachable, TLS) and retries with back-off; its own
+    # log line for it is an error without the address (filtered in edge_agent.logs).
+    client.on_connect_fail = lambda _client, _userdata: log.warning(
+        f"{name}.unreachable", host=cfg.host, port=cfg.port,
+        retry=f"with back-off, {cfg.reconnect_min_delay:g} to {cfg.reconnect_max_delay:g} s")
     if cfg.username is not None:
         client.username_pw_set(cfg.username, password(cfg, name))
     if cfg.tls is not None:

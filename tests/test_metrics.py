@@ -93,6 +93,11 @@ def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent,
                          "sha256": manifest["files"]["model.bin"]}
         assert any(name == "edge_agent_build_info" for name, _ in s)
 
+        # While it was down: our warning with the address after each attempt, not paho's bare error line.
+        down = log_events(tmp_path / "agent.log", "sink.unreachable")
+        assert down and {(e["host"], e["port"], e["level"]) for e in down} == {("127.0.0.1", uplink.port, "warning")}
+        assert "Client is not connected" not in (tmp_path / "agent.log").read_text()
+
         uplink.start()
         assert wait_for(lambda: value(scrape(port), "edge_agent_outbox_rows") == 0.0, timeout=60)
         s = scrape(port)
