@@ -65,7 +65,8 @@ class Agent:
         self.outbox.open()
         # Members of a share group run under one gateway id: the default sink id follows the member's own.
         member = f"{cfg.source.client_id}-" if cfg.source.share_group else f"edge-agent-{cfg.gateway_id}-"
-        self.sink = Sink(cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"{member}sink")
+        self.sink = Sink(cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"{member}sink",
+                         dead_letter_topic=cfg.dead_letter_topic)
         self.sink.start()
         self.tasks = build_tasks(cfg)
         self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source")
@@ -199,15 +200,17 @@ class Agent:
             self.metrics.close()
         if self.source is not None:
             self.source.stop_intake()
-        if self.pipeline is not None and not self.pipeline.stop(timeout):
+        drained = self.pipeline is None or self.pipeline.stop(timeout)
+        if not drained:
             log.warning("agent.drain_timeout", timeout_s=timeout, hint="unacked messages are redelivered on restart")
         if self.source is not None:
             self.source.close()
         if self.sink is not None:
             self.sink.flush(timeout)
             self.sink.close()
-        for task in self.tasks.values():
-            task.close()
+        if drained:  # never close a model under the batch still running in it (abandoned, never committed)
+            for task in self.tasks.values():
+                task.close()
         stats = self.outbox.stats()
         self.outbox.close()
         self.outbox_lock.release()

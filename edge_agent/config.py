@@ -134,6 +134,11 @@ class SinkConfig(BrokerConfig):
     )
     replay_burst: int = Field(100, ge=1)
     status_topic: str = Field("edge/status/{gateway}", min_length=1)
+    max_packet_bytes: int | None = Field(
+        None, ge=512, le=268_435_460,
+        description="the uplink broker's largest accepted packet; MQTT 5 brokers announce it in CONNACK (the "
+        "smaller of the two applies). A result over it becomes a small dead letter instead of blocking the uplink",
+    )
 
     @field_validator("status_topic")
     @classmethod
@@ -152,8 +157,27 @@ class PipelineConfig(_Frozen):
     batch_max: int = Field(256, ge=1, le=10_000, description="messages processed and committed together")
     batch_wait_ms: int = Field(20, ge=0, le=10_000, description="how long to wait to fill a batch")
     drain_timeout_s: float = Field(10.0, ge=0, description="on stop, how long to finish queued work")
+    batch_max_bytes: int = Field(
+        8 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024,
+        description="payload bytes processed together: a batch closes at batch_max messages or this, whichever "
+        "comes first (a single larger message still makes a batch of one)",
+    )
     max_payload_bytes: int = Field(256 * 1024, ge=16, le=256 * 1024 * 1024)
     max_json_depth: int = Field(32, ge=1, le=1000)
+    max_items: int = Field(
+        100, ge=1, le=100_000,
+        description="items per list in a task's result (assets, measurements, entities...); beyond it the list is "
+        "cut and the task's result carries \"truncated\": true",
+    )
+    max_result_bytes: int = Field(
+        1024 * 1024, ge=1024, le=256 * 1024 * 1024,
+        description="a result larger than this (serialised) becomes a dead letter (kind result_too_large)",
+    )
+    dead_letter_payload_bytes: int = Field(
+        8 * 1024, ge=0, le=256 * 1024 * 1024,
+        description="bytes of the offending payload a dead letter keeps; a longer one keeps this prefix, its "
+        "length and sha256 (\"truncated\": true)",
+    )
 
 
 class PatternsTaskConfig(_Frozen):

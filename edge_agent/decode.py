@@ -13,6 +13,7 @@ import re
 from typing import Any
 
 from .config import RouteConfig
+from .errors import DeadLetterKind as K
 from .errors import DecodeError
 
 _JSON_WS = " \t\r\n"
@@ -21,8 +22,21 @@ _JSON_WS = " \t\r\n"
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
+# json.loads turns every integer literal into an int, and CPython refuses to convert one of more than
+# 4,300 digits (a denial-of-service guard, sys.set_int_max_str_digits) with a plain ValueError. Such a
+# payload is refused by name here, wherever in the object the integer sits; nothing real needs that many.
+MAX_INT_DIGITS = 4300
+
+
+def _parse_int(digits: str) -> int:
+    n = len(digits.lstrip("-"))
+    if n > MAX_INT_DIGITS:
+        raise DecodeError(K.INVALID_JSON, f"invalid JSON: an integer of {n} digits, limit {MAX_INT_DIGITS}")
+    return int(digits)
+
+
 def _reject_constant(name: str) -> Any:
-    raise DecodeError(f"invalid JSON: {name} is not allowed")
+    raise DecodeError(K.INVALID_JSON, f"invalid JSON: {name} is not allowed")
 
 
 def _depth(value: Any) -> int:
@@ -44,7 +58,7 @@ def _lookup(obj: dict[str, Any], path: str) -> Any:
     for i, part in enumerate(path.split(".")):
         if not isinstance(node, dict) or part not in node:
             where = ".".join(path.split(".")[: i + 1])
-            raise DecodeError(f"missing field {where!r}")
+            raise DecodeError(K.MISSING_FIELD, f"missing field {where!r}")
         node = node[part]
     return node
 
@@ -63,34 +77,34 @@ def decode(
     max_bytes: int = 256 * 1024,
     max_depth: int = 32,
 ) -> tuple[str, str | None]:
-    """Return (text, input_id) for one payload or raise DecodeError(reason)."""
+    """Return (text, input_id) for one payload or raise DecodeError(kind, reason)."""
     if len(payload) > max_bytes:
-        raise DecodeError(f"payload too large: {len(payload)} bytes, limit {max_bytes}")
+        raise DecodeError(K.TOO_LARGE, f"payload too large: {len(payload)} bytes, limit {max_bytes}")
     try:
         text = payload.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DecodeError(f"invalid UTF-8 at byte {e.start}") from None
+        raise DecodeError(K.INVALID_UTF8, f"invalid UTF-8 at byte {e.start}") from None
     if not text.lstrip(_JSON_WS).startswith("{"):
         if not text.strip():
-            raise DecodeError("empty text")
+            raise DecodeError(K.EMPTY, "empty text")
         return text, None
 
     try:
-        obj = json.loads(text, parse_constant=_reject_constant)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_int=_parse_int)
     except json.JSONDecodeError as e:
-        raise DecodeError(f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        raise DecodeError(K.INVALID_JSON, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
     except RecursionError:
-        raise DecodeError(f"JSON nested deeper than {max_depth} levels") from None
+        raise DecodeError(K.TOO_DEEP, f"JSON nested deeper than {max_depth} levels") from None
     if not isinstance(obj, dict):
-        raise DecodeError(f"JSON payload is a {_kind(obj)}, expected an object")
+        raise DecodeError(K.NOT_AN_OBJECT, f"JSON payload is a {_kind(obj)}, expected an object")
     if _depth(obj) > max_depth:
-        raise DecodeError(f"JSON nested deeper than {max_depth} levels")
+        raise DecodeError(K.TOO_DEEP, f"JSON nested deeper than {max_depth} levels")
 
     value = _lookup(obj, text_field)
     if not isinstance(value, str):
-        raise DecodeError(f"field {text_field!r} is a {_kind(value)}, expected a string")
+        raise DecodeError(K.WRONG_TYPE, f"field {text_field!r} is a {_kind(value)}, expected a string")
     if not value.strip():
-        raise DecodeError(f"field {text_field!r} is empty")
+        raise DecodeError(K.EMPTY, f"field {text_field!r} is empty")
     value = _SURROGATE.sub("\ufffd", value)
 
     input_id: str | None = None
@@ -100,7 +114,7 @@ def decode(
         except DecodeError:
             raw_id = None  # the producer id is optional
         if isinstance(raw_id, bool) or not isinstance(raw_id, str | int | None):
-            raise DecodeError(f"field {id_field!r} is a {_kind(raw_id)}, expected a string or integer")
+            raise DecodeError(K.WRONG_TYPE, f"field {id_field!r} is a {_kind(raw_id)}, expected a string or integer")
         input_id = None if raw_id is None else _SURROGATE.sub("\ufffd", str(raw_id))
     return value, input_id
 
@@ -109,7 +123,7 @@ def decode_notes(
     payload: bytes, topic: str, route: RouteConfig, *, max_bytes: int, max_depth: int
 ) -> list[tuple[str, str | None]]:
     """Every (text, input_id) one payload holds for one route: exactly one for JSON or plain text, one per
-    text metric for Sparkplug B (possibly none). Raises DecodeError(reason) for a payload to dead-letter."""
+    text metric for Sparkplug B (possibly none). Raises DecodeError(kind, reason) for a payload to dead-letter."""
     if route.format == "sparkplug":
         from .sparkplug import decode_sparkplug  # protobuf loads only when a route speaks Sparkplug
 

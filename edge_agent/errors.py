@@ -1,5 +1,30 @@
 """The error tree. Transient failures are a type, never a string match."""
 
+from enum import StrEnum
+
+
+class DeadLetterKind(StrEnum):
+    """Why a message became a dead letter: a closed set, made where the dead letter is made. Metrics label by
+    it (bounded cardinality whatever producers send); the human `reason` next to it carries the details."""
+
+    TOO_LARGE = "too_large"
+    INVALID_UTF8 = "invalid_utf8"
+    INVALID_JSON = "invalid_json"
+    TOO_DEEP = "too_deep"
+    NOT_AN_OBJECT = "not_an_object"
+    MISSING_FIELD = "missing_field"
+    WRONG_TYPE = "wrong_type"
+    EMPTY = "empty"
+    NO_ROUTE = "no_route"
+    RATE_LIMITED = "rate_limited"
+    TOPIC_TOO_LONG = "topic_too_long"
+    BAD_SPARKPLUG = "bad_sparkplug"
+    TASK_FAILED = "task_failed"  # a task raised on this note (alone, not only in a batch)
+    BAD_OUTPUT = "bad_output"  # the result could not be serialised (a task returned NaN or a non-JSON type)
+    RESULT_TOO_LARGE = "result_too_large"  # over pipeline.max_result_bytes
+    PACKET_TOO_LARGE = "packet_too_large"  # a stored row over the uplink's Maximum Packet Size (made by the sink)
+    INTERNAL = "internal"  # any other exception while handling this one message: a bug of ours, isolated
+
 
 class EdgeAgentError(Exception):
     """Base of every error edge-agent raises on purpose."""
@@ -24,9 +49,10 @@ class OutboxError(EdgeAgentError):
 
 
 class DecodeError(EdgeAgentError):
-    """An inbound payload cannot be turned into a note; `reason` goes into the dead-letter record."""
+    """An inbound payload cannot be turned into a note; `kind` and `reason` go into the dead-letter record."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, kind: DeadLetterKind, reason: str) -> None:
+        self.kind = kind
         self.reason = reason
         super().__init__(reason)
 

@@ -27,34 +27,12 @@ from .errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:
     from .outbox import Outbox
+    from .pipeline import Outcome
     from .sink import Sink
     from .source import Source
 
 # Seconds. A rule-based task takes well under a millisecond per note, the generator seconds per batch.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-
-# Dead-letter reasons carry details (byte offsets, field names); the label keeps only their class, so its
-# cardinality stays bounded whatever producers send. Unknown reasons count as "other".
-_REASON_CLASSES = (
-    ("payload too large", "too_large"),
-    ("invalid UTF-8", "invalid_utf8"),
-    ("invalid JSON", "invalid_json"),
-    ("JSON nested deeper", "too_deep"),
-    ("JSON payload is a", "not_an_object"),
-    ("missing field", "missing_field"),
-    ("empty text", "empty"),
-    ("no route matches", "no_route"),
-)
-
-
-def reason_class(reason: str) -> str:
-    for prefix, name in _REASON_CLASSES:
-        if reason.startswith(prefix):
-            return name
-    if reason.startswith("field "):
-        return "empty" if reason.endswith("is empty") else "wrong_type"
-    return "other"
-
 
 class Metrics:
     def __init__(self) -> None:
@@ -63,8 +41,10 @@ class Metrics:
         self.messages_in = Counter("edge_agent_messages_in", "Inbound messages taken for processing, per route "
                                    "(route = its topic filter; \"\" for a topic no route matches)", ["route"],
                                    registry=r)
-        self.dead_lettered = Counter("edge_agent_dead_lettered", "Inbound messages dead-lettered, by reason class",
-                                     ["reason"], registry=r)
+        self.dead_lettered = Counter("edge_agent_dead_lettered", "Inbound messages (or notes) dead-lettered, by "
+                                     "kind (a closed set: edge_agent.errors.DeadLetterKind)", ["reason"], registry=r)
+        self.ignored = Counter("edge_agent_messages_ignored", "Valid inbound messages that hold no note (a "
+                               "Sparkplug B DDATA of measurements only), per route", ["route"], registry=r)
         self.latency = Histogram("edge_agent_message_latency_seconds", "Inbound message received to its result "
                                  "committed to the outbox", buckets=_BUCKETS, registry=r)
         self.task_batch = Histogram("edge_agent_task_batch_seconds", "Time of one task call over a batch",
@@ -78,11 +58,14 @@ class Metrics:
         self._server: Any = None
 
     # -- events (the pipeline thread) ---------------------------------------------------------------
-    def batch_done(self, routes_in: Mapping[str, int], reasons: Iterable[str], latencies: Iterable[float]) -> None:
+    def batch_done(self, routes_in: Mapping[str, int], outcomes: Iterable[Outcome], latencies: Iterable[float]) -> None:
         for route, n in routes_in.items():
             self.messages_in.labels(route).inc(n)
-        for reason in reasons:
-            self.dead_lettered.labels(reason_class(reason)).inc()
+        for o in outcomes:
+            if o.kind is not None:
+                self.dead_lettered.labels(str(o.kind)).inc()
+            elif o.outcome == "ignored":
+                self.ignored.labels(o.route).inc()
         for seconds in latencies:
             self.latency.observe(max(seconds, 0.0))  # a wall-clock step back must not make it negative
 
@@ -179,6 +162,8 @@ class _StateCollector(Collector):
         yield CounterMetricFamily("edge_agent_results_rejected", "Publishes the uplink broker refused (PUBACK "
                                   "reason code >= 0x80, e.g. not authorized); the row stays and is retried",
                                   value=self._sink.rejected)
+        yield CounterMetricFamily("edge_agent_results_oversized", "Rows over the uplink's Maximum Packet Size, "
+                                  "replaced by a small dead letter (kind packet_too_large)", value=self._sink.oversized)
 
 
 def _file_bytes(path: os.PathLike[str] | str) -> int:

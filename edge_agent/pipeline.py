@@ -4,6 +4,17 @@ One worker thread takes up to `batch_max` messages (waiting at most `batch_wait_
 runs each route's tasks over the whole batch at once (model tasks batch across messages), commits all
 results and dead-letter records in one outbox transaction, and only then acks the inbound messages.
 
+One message can never fail its batch. Whatever one message raises while it is routed, decoded, run
+through the tasks or serialised turns that message into a dead letter (its kind, the exception class and
+a short message) and the rest of the batch goes on and commits: otherwise the broker would redeliver the
+same poison message after every restart and nothing behind it would ever be processed. A task that raises
+on a batch is run again note by note, so only the note that makes it fail is dead-lettered. Only what is
+not one message's fault (the outbox cannot commit: a full disk) fails the batch, which is then retried.
+
+A batch still running when stop's drain deadline passes is abandoned: nothing of it is committed or
+acked (its inputs are redelivered to our next session), and no task is closed under it, so a result made
+of a shutdown error can never be published under a real result id.
+
 `last_progress` and `busy` are what the systemd watchdog judges (agent.py): the worker beats when it
 takes a batch, when it commits one, between tasks, and whenever a task calls `processors.heartbeat()`
 between its own sub-batches, so a slow model batch keeps the watchdog fed and a wedged one starves it.
@@ -15,15 +26,16 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
 from paho.mqtt.client import topic_matches_sub
 
 from .config import Config, RouteConfig
 from .decode import decode_notes
-from .errors import DecodeError
+from .errors import DeadLetterKind, DecodeError
 from .outbox import Outbox
 from .processors import Note, Task, progress
 from .results import deadletter_payload, output_topic, result_id, result_payload, retained
@@ -38,11 +50,15 @@ log = structlog.get_logger(__name__)
 
 _STOP = object()
 MAX_TOPIC_BYTES = 65535  # MQTT's limit on a topic name
+MAX_REASON_CHARS = 300  # an exception's message in a dead-letter reason (it may quote the whole note)
+
+Ack = Callable[[Inbound], None]  # acknowledge one inbound message to its broker (after the commit)
+Row = tuple[str, str, bytes]  # (result id, outbox topic, payload): what the outbox stores
 
 
 @dataclass(slots=True)
 class _Pending:
-    """One (message, route) pair on its way to the outbox."""
+    """One (message, route, note) on its way to the outbox."""
 
     item: Inbound
     route: RouteConfig
@@ -52,19 +68,54 @@ class _Pending:
     levels: dict[str, str] | None  # named inbound topic levels (UNS), when the route names them
 
 
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What became of one (message, route) or note: the canonical log line, and what metrics count."""
+
+    topic: str
+    received_at: float
+    outcome: Literal["ok", "deadletter", "ignored"]
+    route: str  # the route's topic filter; "" when no route matched
+    input_id: str | None = None
+    result_id: str | None = None
+    kind: DeadLetterKind | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    """A task's output for a note on which the task raised even when run alone."""
+
+    kind: DeadLetterKind
+    reason: str
+
+
+class _Abandoned(Exception):
+    """The batch was cut short by stop: nothing of it may be committed or acked."""
+
+
+def describe(e: BaseException) -> str:
+    """`ExceptionClass: message`, short, and publishable (lone surrogates from a note's text escaped)."""
+    text = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    if len(text) > MAX_REASON_CHARS:
+        text = text[: MAX_REASON_CHARS - 1] + "…"
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 class Pipeline:
-    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack, on_commit,
-                 metrics: Metrics | None = None) -> None:
+    def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack: Ack,
+                 on_commit: Callable[[], None], metrics: Metrics | None = None) -> None:
         self._cfg = cfg
         self._limits = cfg.pipeline
         self._tasks = tasks
         self._outbox = outbox
         self._inbox = inbox
         self._ack = ack
-        self._on_commit = on_commit
+        self._on_commit = on_commit  # wakes the sink
         self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        self._stopping = threading.Event()  # set past stop's drain deadline: abandon the batch in progress
         self._batch_lock = threading.Lock()  # held while a batch runs; swap() takes it between batches
+        self._commit_lock = threading.Lock()  # held while a batch commits and acks; stop() sets _stopping in it
         self._buckets = _buckets(cfg)
         self.processed = 0
         self.dead_lettered = 0
@@ -77,6 +128,12 @@ class Pipeline:
     def heartbeat(self) -> None:
         self.last_progress = time.monotonic()
 
+    def _task_beat(self) -> None:
+        """heartbeat() from inside a task: also where a long model batch learns that it is abandoned."""
+        if self._stopping.is_set():
+            raise _Abandoned
+        self.heartbeat()
+
     def _routes_for(self, topic: str) -> list[RouteConfig]:
         return [r for r in self._cfg.routes if topic_matches_sub(r.topic, topic)]
 
@@ -86,8 +143,9 @@ class Pipeline:
         if first is _STOP or self._stopping.is_set():
             return None
         batch = [first]
+        size = len(first.payload)
         deadline = time.monotonic() + self._limits.batch_wait_ms / 1000
-        while len(batch) < self._limits.batch_max:
+        while len(batch) < self._limits.batch_max and size < self._limits.batch_max_bytes:
             try:
                 timeout = deadline - time.monotonic()
                 nxt = self._inbox.get(timeout=timeout) if timeout > 0 else self._inbox.get_nowait()
@@ -97,88 +155,144 @@ class Pipeline:
                 self._inbox.put(_STOP)  # finish this batch, stop on the next take
                 break
             batch.append(nxt)
+            size += len(nxt.payload)
         return batch
 
+    # -- one batch: admit → run the routes' tasks → commit → ack → report ------------------------------
     def process(self, batch: list[Inbound]) -> None:
-        gw = self._cfg.gateway_id
-        rows: list[tuple[str, str, bytes]] = []
-        lines: list[dict] = []
+        rows: list[Row] = []
+        outcomes: list[Outcome] = []
         by_route: dict[int, list[_Pending]] = defaultdict(list)
-        routes_in: Counter[str] = Counter()
-        reasons: list[str] = []
+        routes_in: Counter[str] = Counter()  # (message, route) pairs taken, per route filter
         for item in batch:
-            routes = self._routes_for(item.topic)
-            if not routes:  # a leftover subscription from an older config
-                routes = [None]
-            for route in routes:
-                routes_in[route.topic if route is not None else ""] += 1
-                try:
-                    pendings = self._admit(item, route)
-                except DecodeError as e:
-                    rows.append(self._dead_letter(item, e.reason, lines))
-                    reasons.append(e.reason)
-                    continue
-                if pendings:
-                    by_route[id(route)].extend(pendings)
-                else:
-                    self.ignored += 1
-                    lines.append({"topic": item.topic, "input_id": None, "outcome": "ignored", "t0": item.received_at})
-
+            for route, pendings in self._admit_message(item, rows, outcomes, routes_in):
+                by_route[id(route)].extend(pendings)
         for pendings in by_route.values():
-            route = pendings[0].route
-            notes = [p.note for p in pendings]
-            outputs: dict[str, list[dict]] = {}
-            for name in route.tasks:
-                outputs[name] = self._run_task(name, notes)
-                self.heartbeat()
-            now = time.time()
-            for i, p in enumerate(pendings):
-                results = {name: outputs[name][i] for name in route.tasks}
-                fields = dict(
-                    rid=p.rid,
-                    input_id=p.note.input_id,
-                    topic=p.item.topic,
-                    received_at=p.item.received_at,
-                    text=p.note.text,
-                    processed_at=now,
-                    gateway=gw,
-                )
-                try:
-                    payload = result_payload(results=results, **fields)
-                except (TypeError, ValueError) as e:  # a task returned NaN or a non-JSON type
-                    log.error("task.bad_output", result_id=p.rid, error=str(e))
-                    payload = result_payload(results={n: {"error": f"output not JSON: {e}"} for n in results}, **fields)
-                topic = p.out_topic
-                if route.review_topic and any(r.get("review") for r in results.values() if isinstance(r, dict)):
-                    topic = output_topic(route.review_topic, p.item.topic, gw, p.levels)  # low confidence
-                rows.append((p.rid, topic, payload))
-                if route.retain_latest_topic:
-                    rows.extend(self._latest(route.retain_latest_topic, p, results, payload))
-                lines.append(
-                    {
-                        "topic": p.item.topic,
-                        "input_id": p.note.input_id,
-                        "result_id": p.rid,
-                        "outcome": "ok",
-                        "t0": p.item.received_at,
-                    }
-                )
+            self._run_route(pendings, rows, outcomes)
+        self._commit(batch, rows)
+        try:
+            self._report(routes_in, outcomes)
+        except Exception:  # committed and acked: a failure to log must never make us process it again
+            log.exception("pipeline.report_failed", size=len(batch))
 
-        if rows:
-            self._outbox.put_many(rows)  # durable (synchronous=FULL) before any ack leaves
-        for item in batch:
-            self._ack(item)
+    def _admit_message(self, item: Inbound, rows: list[Row], outcomes: list[Outcome], routes_in: Counter[str]):
+        """(route, pendings) for each route of one message; dead letters and "ignored" go to rows/outcomes."""
+        try:
+            routes: list[RouteConfig | None] = list(self._routes_for(item.topic)) or [None]
+        except Exception as e:  # a topic the matcher chokes on: still this message's problem only
+            log.exception("pipeline.message_failed", topic=item.topic, stage="route")
+            routes_in[""] += 1
+            rows.append(self._dead_letter(item, None, DeadLetterKind.INTERNAL, describe(e), outcomes))
+            return
+        for route in routes:
+            routes_in[route.topic if route is not None else ""] += 1
+            try:
+                pendings = self._admit(item, route)
+            except DecodeError as e:
+                rows.append(self._dead_letter(item, route, e.kind, e.reason, outcomes))
+                continue
+            except Exception as e:
+                log.exception("pipeline.message_failed", topic=item.topic, stage="decode")
+                rows.append(self._dead_letter(item, route, DeadLetterKind.INTERNAL, describe(e), outcomes))
+                continue
+            if pendings:
+                yield route, pendings
+            else:
+                self.ignored += 1
+                outcomes.append(Outcome(item.topic, item.received_at, "ignored", route.topic if route else ""))
+
+    def _run_route(self, pendings: list[_Pending], rows: list[Row], outcomes: list[Outcome]) -> None:
+        """Run a route's tasks over its notes, in order; a note a task fails on leaves the route as a dead
+        letter (the tasks after it do not see it). Then one result row (or rows, UNS) per note."""
+        route = pendings[0].route
+        results: list[dict[str, Any]] = [{} for _ in pendings]
+        live = list(range(len(pendings)))
+        for name in route.tasks:
+            if not live:
+                break
+            out = self._run_task(name, [pendings[i].note for i in live])
+            self._check_stop()
+            kept = []
+            for i, value in zip(live, out, strict=True):
+                if isinstance(value, _Failed):
+                    p = pendings[i]
+                    rows.append(self._dead_letter(p.item, route, value.kind, value.reason, outcomes, p.note.input_id))
+                else:
+                    results[i][name] = _bounded(value, self._limits.max_items)
+                    kept.append(i)
+            live = kept
+            self.heartbeat()
+        now = time.time()
+        for i in live:
+            p = pendings[i]
+            try:
+                made = self._result_rows(p, results[i], now)
+            except Exception as e:  # a task returned NaN, a non-JSON type, or text that cannot be encoded
+                log.error("task.bad_output", result_id=p.rid, error=describe(e))
+                kind = DeadLetterKind.BAD_OUTPUT if isinstance(e, TypeError | ValueError) else DeadLetterKind.INTERNAL
+                rows.append(self._dead_letter(p.item, route, kind, describe(e), outcomes, p.note.input_id))
+                continue
+            size = len(made[0][2])
+            if size > self._limits.max_result_bytes:
+                reason = f"result of {size} bytes, pipeline.max_result_bytes is {self._limits.max_result_bytes}"
+                rows.append(self._dead_letter(p.item, route, DeadLetterKind.RESULT_TOO_LARGE, reason, outcomes,
+                                              p.note.input_id))
+                continue
+            rows.extend(made)
+            outcomes.append(Outcome(p.item.topic, p.item.received_at, "ok", route.topic, p.note.input_id, p.rid))
+
+    def _result_rows(self, p: _Pending, results: dict[str, Any], now: float) -> list[Row]:
+        gw = self._cfg.gateway_id
+        payload = result_payload(
+            rid=p.rid,
+            input_id=p.note.input_id,
+            topic=p.item.topic,
+            received_at=p.item.received_at,
+            text=p.note.text,
+            results=results,
+            processed_at=now,
+            gateway=gw,
+        )
+        topic = p.out_topic
+        route = p.route
+        if route.review_topic and any(r.get("review") for r in results.values() if isinstance(r, dict)):
+            topic = output_topic(route.review_topic, p.item.topic, gw, p.levels)  # low confidence
+        made = [(p.rid, topic, payload)]
+        if route.retain_latest_topic:
+            made.extend(self._latest(route.retain_latest_topic, p, results, payload))
+        return made
+
+    def _check_stop(self) -> None:
+        if self._stopping.is_set():
+            raise _Abandoned
+
+    def _commit(self, batch: list[Inbound], rows: list[Row]) -> None:
+        """Durable (synchronous=FULL) before any ack leaves. Under the commit lock, so that once stop()
+        has set _stopping no commit starts, and the one in progress has finished."""
+        with self._commit_lock:
+            self._check_stop()
+            if rows:
+                self._outbox.put_many(rows)
+            for item in batch:
+                self._ack(item)
         self._on_commit()
         self.processed += len(batch)
         self.heartbeat()
+
+    def _report(self, routes_in: Counter[str], outcomes: list[Outcome]) -> None:
         now = time.time()
         latencies = []
-        for line in lines:
-            latency = now - line.pop("t0")
+        for o in outcomes:
+            latency = now - o.received_at
             latencies.append(latency)
+            line: dict[str, Any] = {"topic": o.topic, "input_id": o.input_id, "outcome": o.outcome}
+            if o.result_id is not None:
+                line["result_id"] = o.result_id
+            if o.kind is not None:
+                line["kind"], line["reason"] = str(o.kind), o.reason
             log.info("message", latency_ms=round(latency * 1000, 2), **line)
         if self._metrics is not None:
-            self._metrics.batch_done(routes_in, reasons, latencies)
+            self._metrics.batch_done(routes_in, outcomes, latencies)
 
     def _latest(self, template: str, p: _Pending, results: dict, payload: bytes) -> list[tuple[str, str, bytes]]:
         """The retained "latest result for this asset" copy (UNS); none when no task found an asset."""
@@ -193,12 +307,12 @@ class Pipeline:
         """Check one (message, route) against the route's limits and decode it into its notes: none for a
         valid payload without one (a Sparkplug DDATA of measurements only). DecodeError says why not."""
         if route is None:
-            raise DecodeError(f"no route matches topic {item.topic!r}")
+            raise DecodeError(DeadLetterKind.NO_ROUTE, f"no route matches topic {item.topic!r}")
         bucket = self._buckets.get(id(route))
         if bucket is not None and not bucket.take(1):
             # Before decode: a runaway publisher costs one dead-letter row each, never model time.
-            self.over_limit[route.topic] += 1
-            raise DecodeError(f"rate limit: route {route.topic} over {route.rate_limit:g} msg/s")
+            raise DecodeError(DeadLetterKind.RATE_LIMITED,
+                              f"rate limit: route {route.topic} over {route.rate_limit:g} msg/s")
         decoded = decode_notes(
             item.payload,
             item.topic,
@@ -211,35 +325,35 @@ class Pipeline:
         out = output_topic(route.output_topic, item.topic, gw, levels)
         longest = max(out, output_topic(route.review_topic or "", item.topic, gw, levels), key=len).encode()
         if len(longest) > MAX_TOPIC_BYTES:  # paho would refuse to publish it, and the row would block the sink
-            raise DecodeError(f"output topic too long: {len(longest)} bytes, MQTT allows {MAX_TOPIC_BYTES}")
+            raise DecodeError(DeadLetterKind.TOPIC_TOO_LONG,
+                              f"output topic too long: {len(longest)} bytes, MQTT allows {MAX_TOPIC_BYTES}")
         return [
             _Pending(item, route, result_id(gw, item.topic, out, input_id, item.payload), out,
                      Note(text=text, topic=item.topic, input_id=input_id, received_at=item.received_at), levels)
             for text, input_id in decoded
         ]
 
-    def _dead_letter(self, item: Inbound, reason: str, lines: list[dict]) -> tuple[str, str, bytes]:
-        """The outbox row for a message that cannot be processed, and its log line. Nothing is lost."""
+    def _dead_letter(self, item: Inbound, route: RouteConfig | None, kind: DeadLetterKind, reason: str,
+                     outcomes: list[Outcome], input_id: str | None = None) -> Row:
+        """The outbox row for a message (or one note of it) that cannot be processed. Nothing is lost."""
         gw, topic = self._cfg.gateway_id, self._cfg.dead_letter_topic
-        rid = result_id(gw, item.topic, topic, None, item.payload)
-        payload = deadletter_payload(
-            rid=rid, topic=item.topic, received_at=item.received_at, reason=reason, payload=item.payload, gateway=gw
-        )
-        lines.append(
-            {
-                "topic": item.topic,
-                "input_id": None,
-                "result_id": rid,
-                "outcome": "deadletter",
-                "reason": reason,
-                "t0": item.received_at,
-            }
-        )
+        rid = result_id(gw, item.topic, topic, input_id, item.payload)
+        payload = deadletter_payload(rid=rid, topic=item.topic, received_at=item.received_at, kind=kind,
+                                     reason=reason, payload=item.payload, gateway=gw,
+                                     keep_bytes=self._limits.dead_letter_payload_bytes)
+        outcomes.append(Outcome(item.topic, item.received_at, "deadletter", route.topic if route else "", input_id,
+                                rid, kind, reason))
         self.dead_lettered += 1
+        if kind is DeadLetterKind.RATE_LIMITED and route is not None:
+            self.over_limit[route.topic] += 1
         return rid, topic, payload
 
-    def _run_task(self, name: str, notes: list[Note]) -> list[dict]:
-        """A task that fails on a batch yields an error entry per note rather than losing the batch."""
+    def _run_task(self, name: str, notes: list[Note]) -> list[Any]:
+        """One output per note: the task's dict, or _Failed for a note the task raises on even alone.
+
+        A task that raises on a batch is run again note by note: the batch's other notes get their results
+        and only the note that makes it fail is dead-lettered. On stop, the batch is abandoned instead.
+        """
         try:
             t0 = time.perf_counter()
             out = self._tasks[name].process(notes)
@@ -248,12 +362,20 @@ class Pipeline:
             if len(out) != len(notes):
                 raise RuntimeError(f"task returned {len(out)} results for {len(notes)} notes")
             return out
+        except _Abandoned:
+            raise
         except Exception as e:
-            log.exception("task.failed", task=name, batch=len(notes))
-            return [{"error": f"{type(e).__name__}: {e}"} for _ in notes]
+            if self._stopping.is_set():  # e.g. a model closed under us: never a result
+                raise _Abandoned from e
+            if len(notes) == 1:
+                log.error("task.failed", task=name, input_id=notes[0].input_id, topic=notes[0].topic,
+                          error=describe(e))
+                return [_Failed(DeadLetterKind.TASK_FAILED, f"task {name!r}: {describe(e)}")]
+            log.exception("task.batch_failed", task=name, batch=len(notes), then="each note alone")
+            return [self._run_task(name, [note])[0] for note in notes]
 
     def _run(self) -> None:
-        with progress(self.heartbeat):  # tasks' heartbeat() calls on this thread land here
+        with progress(self._task_beat):  # tasks' heartbeat() calls on this thread land here
             while (batch := self._take()) is not None:
                 self.heartbeat()
                 self.busy = True
@@ -269,10 +391,15 @@ class Pipeline:
                 with self._batch_lock:
                     self.process(batch)
                 return
+            except _Abandoned:
+                log.warning("pipeline.batch_abandoned", size=len(batch),
+                            hint="stopped past pipeline.drain_timeout_s; unacked, the broker redelivers it")
+                return
             except Exception:
-                # Nothing was acked. Retrying the same batch is back-pressure (the broker stops sending
-                # at Receive Maximum); on stop the broker redelivers it to our next session. No beat
-                # here: a batch that never commits starves the watchdog, and systemd restarts us.
+                # Not one message's fault (those are dead letters): the outbox could not commit. Nothing
+                # was acked. Retrying the same batch is back-pressure (the broker stops sending at Receive
+                # Maximum); on stop the broker redelivers it to our next session. No beat here: a batch
+                # that never commits starves the watchdog, and systemd restarts us.
                 log.exception("pipeline.batch_failed", size=len(batch), retry_in_s=delay)
                 if self._stopping.wait(delay):
                     return
@@ -292,14 +419,43 @@ class Pipeline:
         self._thread.start()
 
     def stop(self, timeout: float) -> bool:
-        """Finish what is queued (bounded by timeout). True when the queue drained in time."""
+        """Finish what is queued (bounded by timeout), then abandon the batch in progress, if any, uncommitted.
+        True when the worker finished in time; False when it is still inside a task (which must then not be
+        closed under it)."""
         self._inbox.put(_STOP)
         if self._thread is None:
             return True
         self._thread.join(timeout)
-        self._stopping.set()  # past the deadline: abandon a batch stuck in retries
+        with self._commit_lock:  # a commit in progress completes; none starts after this
+            self._stopping.set()
         self._thread.join(1.0)
         return not self._thread.is_alive()
+
+
+def _bounded(value: Any, max_items: int) -> Any:
+    """A task's result with every list in it cut to max_items, flagged `"truncated": true` when one was: a
+    note dense with measurements must not make a result of megabytes (and a batch of them gigabytes)."""
+    if not isinstance(value, dict):
+        return value
+    cut = False
+
+    def walk(node: Any) -> Any:
+        nonlocal cut
+        if isinstance(node, list):
+            if len(node) > max_items:
+                cut = True
+                node = node[:max_items]
+            return [walk(x) for x in node]
+        if isinstance(node, dict):
+            return {k: walk(v) for k, v in node.items()}
+        return node
+
+    if not any(isinstance(v, list | dict) for v in value.values()):
+        return value  # a label and scores: nothing to cut, no copy
+    out = walk(value)
+    if cut:
+        out["truncated"] = True
+    return out
 
 
 def _buckets(cfg: Config) -> dict[int, TokenBucket]:

@@ -99,18 +99,25 @@ def result_payload(
     )
 
 
-def deadletter_payload(*, rid: str, topic: str, received_at: float, reason: str, payload: bytes, gateway: str) -> bytes:
-    return dumps(
-        {
-            "schema": DEADLETTER_SCHEMA,
-            "id": rid,
-            "source": {"topic": topic, "received_at": rfc3339(received_at)},
-            "reason": reason,
-            "payload_b64": base64.b64encode(payload).decode("ascii"),
-            "gateway": gateway,
-            "replayed": False,
-        }
-    )
+def deadletter_payload(
+    *, rid: str, topic: str, received_at: float, kind: str, reason: str, payload: bytes, gateway: str,
+    keep_bytes: int | None = None,
+) -> bytes:
+    """A dead-letter record. It keeps the offending payload up to `keep_bytes` (None: all of it); a longer one
+    keeps that prefix, its length and its sha256, so one huge message cannot become a huge outbox row."""
+    record: dict[str, Any] = {
+        "schema": DEADLETTER_SCHEMA,
+        "id": rid,
+        "source": {"topic": topic, "received_at": rfc3339(received_at)},
+        "kind": str(kind),
+        "reason": reason,
+        "payload_b64": base64.b64encode(payload if keep_bytes is None else payload[:keep_bytes]).decode("ascii"),
+        "gateway": gateway,
+    }
+    if keep_bytes is not None and len(payload) > keep_bytes:
+        record.update(truncated=True, payload_bytes=len(payload), payload_sha256=hashlib.sha256(payload).hexdigest())
+    record["replayed"] = False  # last, as mark_replayed expects
+    return dumps(record)
 
 
 _LIVE = b',"replayed":false,'

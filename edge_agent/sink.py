@@ -24,10 +24,10 @@ import structlog
 
 from . import __version__
 from .config import SinkConfig
-from .errors import OutboxError
+from .errors import DeadLetterKind, OutboxError
 from .mqtt import Will, connect_async, is_failure, make_client, refused_hint
 from .outbox import Outbox, Record
-from .results import mark_replayed, split_retain
+from .results import deadletter_payload, mark_replayed, result_id, split_retain
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +49,13 @@ class TokenBucket:
         return got
 
 
+def packet_bytes(topic: str, payload: bytes, v5: bool) -> int:
+    """Size on the wire of a QoS 1 PUBLISH: fixed header, topic, packet id, (MQTT 5) empty properties, payload."""
+    remaining = 2 + len(topic.encode()) + 2 + (1 if v5 else 0) + len(payload)
+    length_bytes = 1 if remaining < 128 else 2 if remaining < 16_384 else 3 if remaining < 2_097_152 else 4
+    return 1 + length_bytes + remaining
+
+
 @dataclass(slots=True)
 class _Inflight:
     record: Record
@@ -56,8 +63,12 @@ class _Inflight:
 
 
 class Sink:
-    def __init__(self, cfg: SinkConfig, outbox: Outbox, gateway: str, client_id: str) -> None:
+    def __init__(self, cfg: SinkConfig, outbox: Outbox, gateway: str, client_id: str,
+                 dead_letter_topic: str = "edge/deadletter") -> None:
         self._cfg = cfg
+        self._v5 = cfg.protocol == "5"
+        self._dead_letter_topic = dead_letter_topic
+        self._max_packet = cfg.max_packet_bytes  # lowered by the broker's Maximum Packet Size (MQTT 5 CONNACK)
         self._outbox = outbox
         self.status_topic = cfg.status_topic.replace("{gateway}", gateway)
         self._gateway = gateway
@@ -89,6 +100,7 @@ class Sink:
         self.published = 0
         self.replayed = 0
         self.rejected = 0  # PUBACKs with a failure reason code (each row is retried after RETRY_DELAY_S)
+        self.oversized = 0  # rows over the uplink's Maximum Packet Size, replaced by a small dead letter
         self.reconnects = 0
 
     def _status(self, online: bool) -> bytes:
@@ -112,6 +124,9 @@ class Sink:
                 hint=refused_hint("sink", rc),
             )
             return
+        announced = getattr(_p, "MaximumPacketSize", None) if _p is not None else None
+        if announced:
+            self._max_packet = min(announced, self._cfg.max_packet_bytes or announced)
         client.publish(self.status_topic, self._status(True), qos=1, retain=True)
         self._new_connection = True
         self._connected.set()
@@ -138,11 +153,32 @@ class Sink:
         rec = item.record
         payload = mark_replayed(rec.payload) if item.replayed else rec.payload
         topic, retain = split_retain(rec.topic)
+        if self._max_packet is not None and packet_bytes(topic, payload, self._v5) > self._max_packet:
+            self._replace_oversized(rec, topic, len(payload))
+            return
         info = self._client.publish(topic, payload, qos=1, retain=retain)
         # A PUBACK for this mid may already sit in _settled; it is read only after this returns.
         self._inflight[info.mid] = item
         self.published += 1
         self.replayed += item.replayed
+
+    def _replace_oversized(self, rec: Record, topic: str, size: int) -> None:
+        """A row the uplink would refuse (it disconnects us, paho resends on reconnect, forever) becomes a small
+        dead letter naming the result, committed before the row is deleted: nothing vanishes silently."""
+        limit = self._max_packet
+        reason = f"result {rec.id} for {topic} is {size} bytes, over the uplink's Maximum Packet Size of {limit}"
+        rid = result_id(self._gateway, topic, self._dead_letter_topic, rec.id, b"")
+        dead = deadletter_payload(rid=rid, topic=topic, received_at=rec.created_at,
+                                  kind=DeadLetterKind.PACKET_TOO_LARGE, reason=reason, payload=rec.payload,
+                                  gateway=self._gateway, keep_bytes=0)
+        log.error("sink.result_too_large", id=rec.id, topic=topic, bytes=size, max_packet_bytes=limit,
+                  dead_letter=rid, hint="raise the uplink broker's max_packet_size, or lower pipeline.max_result_bytes")
+        if packet_bytes(self._dead_letter_topic, dead, self._v5) <= (limit or 0):
+            self._outbox.put_many([(rid, self._dead_letter_topic, dead)])
+        else:
+            log.error("sink.dead_letter_too_large", id=rec.id, max_packet_bytes=limit, hint="the row is dropped")
+        self._outbox.accept([rec.seq])
+        self.oversized += 1
 
     def _settle(self) -> list[int]:
         """Match PUBACKs to rows; return the seqs to delete."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 from google.protobuf.message import DecodeError as ProtobufError
 
 from . import sparkplug_b_pb2 as spb
+from .errors import DeadLetterKind as K
 from .errors import DecodeError
 
 NAMESPACE = "spBv1.0"
@@ -24,7 +25,9 @@ def _sender(topic: str) -> str:
     """`group/node[/device]` from a Sparkplug B topic, or DecodeError."""
     levels = topic.split("/")
     if levels[0] != NAMESPACE or len(levels) not in (4, 5):
-        raise DecodeError(f"not a Sparkplug B topic: {topic!r} (expected {NAMESPACE}/group/type/node[/device])")
+        raise DecodeError(
+            K.BAD_SPARKPLUG, f"not a Sparkplug B topic: {topic!r} (expected {NAMESPACE}/group/type/node[/device])"
+        )
     return "/".join([levels[1], *levels[3:]])
 
 
@@ -36,20 +39,25 @@ def decode_sparkplug(
     An empty list is a valid Sparkplug payload without notes (most DDATA carry only measurements).
     """
     if len(payload) > max_bytes:
-        raise DecodeError(f"payload too large: {len(payload)} bytes, limit {max_bytes}")
+        raise DecodeError(K.TOO_LARGE, f"payload too large: {len(payload)} bytes, limit {max_bytes}")
     sender = _sender(topic)
     msg = spb.Payload()
     try:
         msg.ParseFromString(payload)
     except ProtobufError as e:
-        raise DecodeError(f"not a Sparkplug B payload: protobuf says {e}") from None
+        raise DecodeError(K.BAD_SPARKPLUG, f"not a Sparkplug B payload: protobuf says {e}") from None
     if not msg.metrics and not msg.HasField("timestamp"):
         # Plain text or JSON can parse as unknown protobuf fields; every Sparkplug payload has a timestamp.
-        raise DecodeError("not a Sparkplug B payload: no timestamp and no metrics")
+        raise DecodeError(K.BAD_SPARKPLUG, "not a Sparkplug B payload: no timestamp and no metrics")
     notes: list[tuple[str, str]] = []
     seen: dict[str, int] = {}
     for m in msg.metrics:
-        if m.name not in text_metrics or m.WhichOneof("value") != "string_value" or not m.string_value.strip():
+        if m.name not in text_metrics or m.WhichOneof("value") != "string_value":
+            continue
+        if not isinstance(m.string_value, str):
+            # protobuf's parser does not check a proto2 string for UTF-8: invalid bytes come back as bytes.
+            raise DecodeError(K.INVALID_UTF8, f"Sparkplug B metric {m.name!r}: string value is not valid UTF-8")
+        if not m.string_value.strip():
             continue
         when = m.timestamp or msg.timestamp or f"seq{msg.seq}"
         input_id = f"{sender}/{m.name}/{when}"

@@ -24,25 +24,36 @@ def test_plain_text_and_json() -> None:
 
 
 @pytest.mark.parametrize(
-    ("payload", "kwargs", "reason"),
+    ("payload", "kwargs", "kind", "reason"),
     [
-        (b"\xc3\x28", {}, "invalid UTF-8 at byte 0"),
-        (b"a" * 11, {"max_bytes": 10}, "payload too large: 11 bytes, limit 10"),
-        (b"{", {}, "invalid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
-        (b'{"text": Infinity}', {}, "invalid JSON: Infinity is not allowed"),
-        (b'{"a": {"b": {"c": 1}}, "text": "x"}', {"max_depth": 2}, "JSON nested deeper than 2 levels"),
-        (b'{"text": ["x"]}', {}, "field 'text' is a array, expected a string"),
-        (b'{"text": true}', {}, "field 'text' is a boolean, expected a string"),
-        (b'{"note": "x"}', {"text_field": "note.body"}, "missing field 'note.body'"),
-        (b'{"text": " \\n "}', {}, "field 'text' is empty"),
-        (b'{"text": "x", "id": true}', {"id_field": "id"}, "field 'id' is a boolean, expected a string or integer"),
-        (b"\n\t ", {}, "empty text"),
+        (b"\xc3\x28", {}, "invalid_utf8", "invalid UTF-8 at byte 0"),
+        (b"a" * 11, {"max_bytes": 10}, "too_large", "payload too large: 11 bytes, limit 10"),
+        (b"{", {}, "invalid_json",
+         "invalid JSON: Expecting property name enclosed in double quotes at line 1 column 2"),
+        (b'{"text": Infinity}', {}, "invalid_json", "invalid JSON: Infinity is not allowed"),
+        (b'{"text": "P-101 leak", "counter": ' + b"1" * 5000 + b"}", {}, "invalid_json",
+         "invalid JSON: an integer of 5000 digits, limit 4300"),
+        (b'{"text": "x", "id": -' + b"9" * 4301 + b"}", {"id_field": "id"}, "invalid_json",
+         "invalid JSON: an integer of 4301 digits, limit 4300"),
+        (b'{"a": {"b": {"c": 1}}, "text": "x"}', {"max_depth": 2}, "too_deep", "JSON nested deeper than 2 levels"),
+        (b'{"text": ["x"]}', {}, "wrong_type", "field 'text' is a array, expected a string"),
+        (b'{"text": true}', {}, "wrong_type", "field 'text' is a boolean, expected a string"),
+        (b'{"note": "x"}', {"text_field": "note.body"}, "missing_field", "missing field 'note.body'"),
+        (b'{"text": " \\n "}', {}, "empty", "field 'text' is empty"),
+        (b'{"text": "x", "id": true}', {"id_field": "id"}, "wrong_type",
+         "field 'id' is a boolean, expected a string or integer"),
+        (b"\n\t ", {}, "empty", "empty text"),
     ],
 )
-def test_reasons(payload: bytes, kwargs: dict, reason: str) -> None:
+def test_reasons(payload: bytes, kwargs: dict, kind: str, reason: str) -> None:
     with pytest.raises(DecodeError) as ei:
         decode(payload, **kwargs)
-    assert ei.value.reason == reason
+    assert (ei.value.kind, ei.value.reason) == (kind, reason)
+
+
+def test_the_longest_integer_python_converts_still_decodes() -> None:
+    text, input_id = decode(b'{"text": "x", "id": ' + b"7" * 4300 + b"}", id_field="id")
+    assert (text, input_id) == ("x", "7" * 4300)
 
 
 def test_lone_surrogates_become_replacement_characters() -> None:

@@ -11,6 +11,7 @@ payloads through a real Mosquitto and checks each one came out as a result or a 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
@@ -264,7 +265,7 @@ def test_ten_megabyte_payloads(tmp_path: Path) -> None:
     big_json = b'{"text": "' + big_text + b'"}'
     deep = b'{"text": "x", "a": ' + b"[" * (5 * 1024 * 1024) + b"]" * (5 * 1024 * 1024) + b"}"
     h = Harness(tmp_path, '[[routes]]\ntopic = "big/#"\n[[routes]]\ntopic = "small/#"\nmax_payload_bytes = 16\n',
-                pipeline="max_payload_bytes = 16777216")  # fmt: skip
+                pipeline="max_payload_bytes = 16777216\nmax_result_bytes = 67108864")  # fmt: skip
     try:
         batch = [
             Inbound("big/text", big_text, 1, 1, time.time()),
@@ -332,7 +333,14 @@ def test_300_nasty_payloads_through_a_real_broker(tmp_path, broker, collect, pub
         rec = got[topic]
         if rec["schema"] == "edge-agent/deadletter/1":
             kinds["deadletter"] += 1
-            assert rec["reason"] and base64.b64decode(rec["payload_b64"]) == payload
+            assert rec["reason"] and rec["kind"]
+            kept = base64.b64decode(rec["payload_b64"])
+            if rec.get("truncated"):  # a payload over pipeline.dead_letter_payload_bytes: a prefix, its size, sha256
+                assert rec["payload_bytes"] == len(payload)
+                assert rec["payload_sha256"] == hashlib.sha256(payload).hexdigest()
+                assert kept == payload[: len(kept)] and len(kept) == 8192
+            else:
+                assert kept == payload
         else:
             kinds["result"] += 1
             assert rec["text"] == decode(payload, id_field="id", max_bytes=65536, max_depth=64)[0]

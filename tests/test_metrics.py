@@ -14,7 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from edge_agent import config
-from edge_agent.metrics import reason_class
+from edge_agent.errors import DeadLetterKind
+from edge_agent.metrics import Metrics
+from edge_agent.pipeline import Outcome
 
 from .conftest import REPO, Broker, accepting, free_port, log_events, wait_for, write_config
 
@@ -179,22 +181,23 @@ def test_metrics_port_in_use_is_a_config_error(tmp_path: Path, broker) -> None:
     assert "metrics.port" in done.stderr and f"127.0.0.1:{port}" in done.stderr
 
 
-@pytest.mark.parametrize(
-    ("reason", "cls"),
-    [
-        ("payload too large: 300000 bytes, limit 262144", "too_large"),
-        ("invalid UTF-8 at byte 0", "invalid_utf8"),
-        ("invalid JSON: Expecting value at line 1 column 9", "invalid_json"),
-        ("invalid JSON: NaN is not allowed", "invalid_json"),
-        ("JSON nested deeper than 32 levels", "too_deep"),
-        ("JSON payload is a list, expected an object", "not_an_object"),
-        ("missing field 'text'", "missing_field"),
-        ("field 'text' is a number, expected a string", "wrong_type"),
-        ("field 'text' is empty", "empty"),
-        ("empty text", "empty"),
-        ("no route matches topic 'x/y'", "no_route"),
-        ("something new", "other"),
-    ],
-)
-def test_dead_letter_reason_classes_are_bounded(reason: str, cls: str) -> None:
-    assert reason_class(reason) == cls
+def test_dead_letters_counted_by_their_kind_and_ignored_payloads_per_route() -> None:
+    """Labels come from the typed kind made where the dead letter is made, never from the reason's text:
+    rate-limited, over-long-topic and bad-Sparkplug dead letters have their own label (they were "other")."""
+    m = Metrics()
+    outcomes = [
+        Outcome("a/1", 0.0, "deadletter", "a/+", kind=DeadLetterKind.RATE_LIMITED, reason="rate limit: route a/+"),
+        Outcome("a/2", 0.0, "deadletter", "a/+", kind=DeadLetterKind.TOPIC_TOO_LONG, reason="output topic too long"),
+        Outcome("spBv1.0/g/DDATA/n", 0.0, "deadletter", "spBv1.0/#", kind=DeadLetterKind.BAD_SPARKPLUG, reason="x"),
+        Outcome("spBv1.0/g/DDATA/n", 0.0, "ignored", "spBv1.0/#"),
+        Outcome("a/3", 0.0, "ok", "a/+", result_id="r"),
+    ]
+    m.batch_done({"a/+": 3, "spBv1.0/#": 2}, outcomes, [0.1] * len(outcomes))
+    got = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in m.registry.collect() for s in f.samples}
+    assert got[("edge_agent_dead_lettered_total", (("reason", "rate_limited"),))] == 1.0
+    assert got[("edge_agent_dead_lettered_total", (("reason", "topic_too_long"),))] == 1.0
+    assert got[("edge_agent_dead_lettered_total", (("reason", "bad_sparkplug"),))] == 1.0
+    assert got[("edge_agent_messages_ignored_total", (("route", "spBv1.0/#"),))] == 1.0
+    assert got[("edge_agent_messages_in_total", (("route", "a/+"),))] == 3.0
+    assert not any(name == "edge_agent_dead_lettered_total" and dict(labels)["reason"] == "other"
+                   for name, labels in got)
