@@ -420,8 +420,53 @@ class Config(_Frozen):
                     )
         return self
 
+    @model_validator(mode="after")
+    def _no_self_ingest(self) -> Config:
+        """With source and sink on one broker, a route whose filter matches what the agent itself publishes
+        there (its own results, the dead letters, the status) feeds on its own output: one result makes
+        another, forever (a route on '#' grew an outbox to 384 MB in 25 s). Chains, one route reading another
+        route's results, stay allowed."""
+        if not _same_broker(self.source, self.sink):
+            return self
+        from paho.mqtt.client import topic_matches_sub  # a pure function: no client, no thread
+
+        from .results import output_topic
+
+        status = self.sink.status_topic.replace("{gateway}", self.gateway_id)
+        for i, route in enumerate(self.routes):
+            sample = "/".join("x" if level in ("+", "#") else level for level in route.topic.split("/"))
+            own = {
+                f"output_topic {route.output_topic!r}": route.output_topic,
+                f"review_topic {route.review_topic!r}": route.review_topic,
+                f"retain_latest_topic {route.retain_latest_topic!r}": route.retain_latest_topic,
+            }
+            published = {
+                what: output_topic(template, sample, self.gateway_id, {"asset": "x"})
+                for what, template in own.items() if template
+            }
+            published[f"dead_letter_topic {self.dead_letter_topic!r}"] = self.dead_letter_topic
+            published[f"sink.status_topic {self.sink.status_topic!r}"] = status
+            for what, topic in published.items():
+                if topic_matches_sub(route.topic, topic):
+                    raise ConfigError(
+                        f"routes.{i}.topic",
+                        f"the filter {route.topic!r} matches the agent's own {what} on the same broker "
+                        f"(e.g. {topic!r}): it would process its own output, forever",
+                        "narrow the route's topic filter, or publish to topics outside it (or to another broker)",
+                    )
+        return self
+
     def task(self, name: str) -> TaskConfig:
         return self.tasks.get(name) or BUILTIN_TASKS[name]
+
+
+_LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}
+
+
+def _same_broker(a: BrokerConfig, b: BrokerConfig) -> bool:
+    host_a, host_b = a.host.lower(), b.host.lower()
+    same_host = host_a == host_b or (host_a in _LOOPBACK and host_b in _LOOPBACK)
+    return same_host and a.port == b.port
 
 
 BUILTIN_TASKS: dict[str, PatternsTaskConfig] = {"patterns": PatternsTaskConfig()}

@@ -160,7 +160,9 @@ topics = st.one_of(
 
 @pytest.fixture(scope="module")
 def topic_harness(tmp_path_factory: pytest.TempPathFactory):
-    h = Harness(_fast_dir(tmp_path_factory, "topics"), '[[routes]]\ntopic = "#"\ntasks = ["patterns"]\n')
+    # A route on '#' reads everything: with results on another broker (sink port 1884), not its own output.
+    routes = '[sink]\nport = 1884\n[[routes]]\ntopic = "#"\ntasks = ["patterns"]\n'
+    h = Harness(_fast_dir(tmp_path_factory, "topics"), routes)
     yield h
     h.close()
     shutil.rmtree(h.root, ignore_errors=True)

@@ -431,3 +431,42 @@ def test_a_result_over_the_uplinks_maximum_packet_size_becomes_a_small_dead_lett
         assert dead["reason"].split()[1] == result_id("gw-test", topic, "edge/results/" + topic, "n0", b"")
     finally:
         up.stop()
+
+
+# -- a route that reads its own output (issue 10, item 4) ----------------------------------------------------
+@pytest.mark.parametrize(
+    ("routes", "extra", "what"),
+    [
+        ('topic = "#"', "", "output_topic 'edge/results/{topic}'"),
+        ('topic = "plant/#"\noutput_topic = "plant/results/{topic}"', "", "output_topic"),
+        ('topic = "edge/+"', "", "dead_letter_topic 'edge/deadletter'"),
+        ('topic = "edge/status/+"', "", "sink.status_topic"),
+        ('topic = "plant/#"\nreview_topic = "plant/review/{topic}"', "", "review_topic"),
+    ],
+)
+def test_check_config_refuses_a_route_that_matches_its_own_output_on_the_same_broker(
+    tmp_path: Path, routes: str, extra: str, what: str
+) -> None:
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    p = tmp_path / "c.toml"
+    p.write_text(f"[source]\nport = 1883\n[sink]\nport = 1883\n{extra}[[routes]]\n{routes}\n")
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(p)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "routes.0.topic" in r.stderr and what in r.stderr and "forever" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
+    # The same route reading from another broker than the one it publishes to is fine (nothing loops).
+    p.write_text(f"[source]\nport = 1883\n[sink]\nport = 1884\n{extra}[[routes]]\n{routes}\n")
+    r = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(p)],
+                       capture_output=True, text=True, timeout=60, cwd=REPO)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+
+
+def test_a_chain_of_routes_on_one_broker_is_allowed() -> None:
+    cfg = config.parse({"routes": [{"topic": "plant/+/notes"}, {"topic": "edge/results/plant/#",
+                                                                 "output_topic": "final/{topic}"}]}, {})  # fmt: skip
+    assert len(cfg.routes) == 2
