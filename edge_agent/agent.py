@@ -27,16 +27,17 @@ import structlog
 from pydantic import BaseModel
 
 from .config import Config
-from .credentials import preflight
 from .errors import ConfigError, OutboxError
 from .metrics import Metrics
+from .mqtt.client import preflight
+from .mqtt.sink import Sink
+from .mqtt.source import Source
 from .notify import Notifier, watchdog_interval
-from .outbox import Outbox
-from .outbox_lock import OutboxLock
+from .outbox.lock import OutboxLock
+from .outbox.store import Outbox
 from .pipeline import Pipeline
-from .processors import Task, build_tasks
-from .sink import Sink
-from .source import Source
+from .tasks.base import Task
+from .tasks.registry import build_tasks
 
 log = structlog.get_logger(__name__)
 

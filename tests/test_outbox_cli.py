@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cli import main
+from edge_agent.cli.main import main
 from edge_agent.config import OutboxConfig
-from edge_agent.outbox import Outbox
+from edge_agent.outbox.store import Outbox
 
 from .conftest import free_port, wait_for, write_config
 
