@@ -8,8 +8,8 @@ Protocol (never tune on test rows):
   entry), and the chosen setting is retrained on `train` and reported once on `test`. Macro-F1 is sklearn's
   (over the labels present in gold or predictions). The temperature is fitted by 5-fold cross-validation
   on `train`. The scikit-learn baseline (TF-IDF char n-grams + LogisticRegression) gets the same dev search.
-  `--tuned-model` adds the same search on a contrastively tuned encoder (python -m edge_agent.finetune
-  --examples fmc_mwo2kg.jsonl --split train --out DIR): tuned on train rows only.
+  `--tuned-model` adds the same search on a contrastively tuned encoder (python -m
+  edge_agent.train.finetune_classifier --examples fmc_mwo2kg.jsonl --split train --out DIR): tuned on train rows only.
 - BGL (../shared/data/bgl_2k.jsonl): alert vs normal, split fixed by id: crc32(id) % 10 < 7 is train, the rest
   test; default settings (no search), the baseline likewise.
 
@@ -41,9 +41,9 @@ REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDGE_AGENT_DATA") or REPO.parent / "shared" / "data")
 sys.path.insert(0, str(REPO))
 
-from edge_agent import classifier as clf  # noqa: E402
-from edge_agent import classifier_train  # noqa: E402
-from edge_agent.encoder import Encoder  # noqa: E402
+from edge_agent.models.encoder import Encoder  # noqa: E402
+from edge_agent.tasks import classifier as clf  # noqa: E402
+from edge_agent.train import classifier as classifier_train  # noqa: E402
 
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 CHAR_WEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)  # hybrid: w_emb = 1, w_char from here
@@ -302,7 +302,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fp32-model", type=Path, default=REPO / "models" / "minilm-l6-float32",
                     help="float32 build of the same weights, for the int8-vs-fp32 agreement")
     ap.add_argument("--tuned-model", type=Path, action="append", default=[],
-                    help="int8 encoder tuned on FMC train only (python -m edge_agent.finetune); repeatable")
+                    help="int8 encoder tuned on FMC train only (python -m edge_agent.train.finetune_classifier); "
+                    "repeatable")
     args = ap.parse_args(argv)
     rows: list[dict[str, Any]] = []
     for name in SECTIONS if args.section == "all" else [args.section]:

@@ -24,9 +24,9 @@ Rows (each with the baseline's test F1 beside it):
 Build the fine-tuned encoders (torch, the `convert` extra; ~8 and ~15 min on 2 busy cores):
 
     python bench/accuracy_maintie.py --write-splits /tmp/maintie
-    python -m edge_agent.finetune_tagger --format maintie --examples /tmp/maintie/train.jsonl \
+    python -m edge_agent.train.finetune_tagger --format maintie --examples /tmp/maintie/train.jsonl \
         --dev /tmp/maintie/dev.jsonl --out models/minilm-l6-maintie --threads 1
-    python -m edge_agent.finetune_tagger --format maintie --examples /tmp/maintie/traindev.jsonl \
+    python -m edge_agent.train.finetune_tagger --format maintie --examples /tmp/maintie/traindev.jsonl \
         --epochs 9 --out models/minilm-l6-maintie-refit --threads 1
 
 Baseline: per-word multinomial logistic regression (scikit-learn, dev-only dependency) on hand features
@@ -49,7 +49,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from edge_agent import tagger, tagger_train  # noqa: E402
+from edge_agent.tasks import tagger  # noqa: E402
+from edge_agent.train import tagger as tagger_train  # noqa: E402
 
 DATA = Path(os.environ.get("EDGE_AGENT_DATA_DIR", REPO.parent / "shared" / "data")) / "maintie_gold.jsonl"
 ANCHOR = 0.874  # SpERT (BERT, fine-tuned, GPU), 5 classes, same test split: nlp-tlp/maintie RESULTS.md
@@ -150,7 +151,7 @@ def baseline(parts: dict[str, list[dict[str, Any]]], quick: bool) -> dict[str, A
 
 def _throughput(encoder: Any, head: tagger.TaggerHead, texts: list[str], batch: int = 32) -> float:
     """Notes/s through the pipeline task (one token_states call per batch), encoder at 2 threads."""
-    from edge_agent.processors import Note
+    from edge_agent.message import Note
 
     with tempfile.TemporaryDirectory() as tmp:
         head.save(Path(tmp) / "head.npz")
@@ -165,7 +166,7 @@ def _throughput(encoder: Any, head: tagger.TaggerHead, texts: list[str], batch: 
 
 def tagger_row(name: str, model_dir: Path, parts: dict[str, list[dict[str, Any]]], quick: bool,
                baseline_f1: float, refit: bool = False) -> dict[str, Any]:
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     conv = {k: [tagger_train.from_maintie(r) for r in v] for k, v in parts.items()}
     encoder = Encoder(model_dir, intra_threads=2, max_length=128)
@@ -221,7 +222,7 @@ def maintie(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def write_splits(out: Path) -> None:
-    """The split's MaintIE rows as JSONL (train, dev, test, traindev) for `edge_agent.finetune_tagger`."""
+    """The split's MaintIE rows as JSONL (train, dev, test, traindev) for `edge_agent.train.finetune_tagger`."""
     out.mkdir(parents=True, exist_ok=True)
     parts = split()
     for name, rows in {**parts, "traindev": parts["train"] + parts["dev"]}.items():

@@ -37,8 +37,8 @@ from common import Broker, free_port, wait_for  # noqa: E402
 
 from edge_agent import config, logs  # noqa: E402
 from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.mqtt import make_client  # noqa: E402
-from edge_agent.outbox import Outbox  # noqa: E402
+from edge_agent.mqtt.client import make_client  # noqa: E402
+from edge_agent.outbox.store import Outbox  # noqa: E402
 
 DATA = Path(os.environ.get("EDGE_AGENT_DATA") or REPO.parent / "shared" / "data")
 

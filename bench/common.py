@@ -169,9 +169,10 @@ def make_results(n: int, seed: int = 2) -> list[tuple[str, str, bytes]]:
     make_notes(), encoded by edge_agent.results.result_payload (about 600-900 bytes each)."""
     sys.path.insert(0, str(REPO))
     from edge_agent.config import PatternsTaskConfig
-    from edge_agent.patterns import PatternsTask
-    from edge_agent.processors import Note
-    from edge_agent.results import output_topic, result_id, result_payload
+    from edge_agent.message import Note
+    from edge_agent.results import result_id, result_payload
+    from edge_agent.tasks.patterns import PatternsTask
+    from edge_agent.topics import output_topic
 
     task = PatternsTask("patterns", PatternsTaskConfig.model_validate({}))
     notes = make_notes(n, seed)

@@ -1,7 +1,7 @@
 """Draining a backlog after an outage: messages per second from the agent's outbox to the uplink, against a
 plain paho publisher sending the same payloads.
 
-The outbox is filled before the agent starts, with edge_agent.outbox.Outbox.put_many and rows exactly as
+The outbox is filled before the agent starts, with edge_agent.outbox.store.Outbox.put_many and rows exactly as
 the agent writes them (patterns results of realistic notes, ~700 B each; common.make_results). Then the
 agent starts with the uplink reachable: every row is backlog and goes out through the sink's replay lane
 ("replayed": true, token bucket). A consumer (QoS 1, edge/results/#) counts them.
@@ -33,7 +33,7 @@ def _fill(path: Path, rows: list[tuple[str, str, bytes]]) -> None:
 
     sys.path.insert(0, str(REPO))
     from edge_agent.config import OutboxConfig
-    from edge_agent.outbox import Outbox
+    from edge_agent.outbox.store import Outbox
 
     with Outbox(OutboxConfig.model_validate({"path": path})) as ob:
         for i in range(0, len(rows), 500):

@@ -1,9 +1,9 @@
-"""Extraction with the int8 generator: notes/s of edge_agent.generator (CTranslate2 int8 SmolLM2-135M-Instruct,
+"""Extraction with the int8 generator: notes/s of edge_agent.tasks.generator (CTranslate2 int8 SmolLM2-135M-Instruct,
 batched, static prompt cache) against llama-cpp-python on the Q4_1 GGUF that the int8 model was built from.
 
 Both sides get the same prompts and the same procedure, greedy, each in its own process, same thread count:
 - prompt: the task's own (system + one worked example + the note), tokens computed once by
-  edge_agent.generator.Prompter and handed to both sides as ids (with the task's left padding to a multiple
+  edge_agent.tasks.prompt.Prompter and handed to both sides as ids (with the task's left padding to a multiple
   of 8 tokens, kept for all fields);
 - forced skeleton: for each field, continue `prompt + {"f1": "v1", ..., "fk": "` until a token containing a
   double quote, an end-of-turn token or max_field_tokens (16); keep the generated tokens, append the next
@@ -12,7 +12,7 @@ Both sides get the same prompts and the same procedure, greedy, each in its own 
   prompt = system + example, cached by CTranslate2), with inter_threads = cores and intra_threads = 1 (rows
   generate_threads and _1_thread show the alternatives). It computes the same procedure in two stages: a
   free run that follows the skeleton token by token and stops a note where the model writes anything else
-  than the next key, then the forced rounds for the fields left (see edge_agent.generator). Every token is
+  than the next key, then the forced rounds for the fields left (see edge_agent.tasks.generator). Every token is
   forwarded once, as by the peer; the peer forces the keys (a prefill of a few tokens, cheaper for it than
   decoding them) because it keeps a note's state between calls, which CTranslate2 cannot.
 - peer: llama_cpp.Llama (n_threads as ours, n_ctx 1024), one note at a time, Llama.generate(top_k=1, temp=0),
@@ -64,7 +64,7 @@ def _threads() -> int:
 def child_ours(job: dict[str, Any]) -> dict[str, Any]:
     sys.path.insert(0, str(REPO))
     from edge_agent.config import GeneratorTaskConfig
-    from edge_agent.generator import GeneratorTask
+    from edge_agent.tasks.generator import GeneratorTask
 
     cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": job["model"],
                                               "max_field_tokens": MAX_FIELD_TOKENS, "intra_threads": job["threads"],
@@ -131,7 +131,7 @@ def _spawn(python: str, role: str, job: dict[str, Any], timeout: float) -> dict[
 
 def _gguf(work: Path) -> Path:
     sys.path.insert(0, str(REPO))
-    from edge_agent import models
+    from edge_agent.models import build as models
 
     spec = models.DEFAULT_MODELS["smollm2-135m-instruct"]
     for d in (REPO / ".whl", models.wheel_cache_dir()):
@@ -166,7 +166,7 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     from common import make_notes
 
     from edge_agent.config import _DEFAULT_FIELDS
-    from edge_agent.generator import Prompter
+    from edge_agent.tasks.prompt import Prompter
 
     if not (MODEL / "model.bin").exists():
         raise SystemExit(f"no generator model at {MODEL}: edge-agent models build smollm2-135m-instruct --out {MODEL}")
@@ -270,8 +270,8 @@ def accuracy(n: int = 40) -> dict[str, Any]:
     when its character span intersects a gold span of that type, `exact` when it equals one."""
     sys.path.insert(0, str(REPO))
     from edge_agent.config import GeneratorTaskConfig
-    from edge_agent.generator import GeneratorTask
-    from edge_agent.processors import Note
+    from edge_agent.message import Note
+    from edge_agent.tasks.generator import GeneratorTask
 
     rows = sorted((json.loads(line) for line in MAINTIE.read_text(encoding="utf-8").splitlines()),
                   key=lambda r: r["id"])

@@ -1,6 +1,6 @@
 """Durable appends per second to the outbox: group commit against one commit per message.
 
-Both sides run the same ``edge_agent.outbox.Outbox`` (SQLite, WAL, synchronous=FULL) on the same disk in
+Both sides run the same ``edge_agent.outbox.store.Outbox`` (SQLite, WAL, synchronous=FULL) on the same disk in
 the same run; only the number of rows per ``put_many`` (= per transaction = per fsync) differs:
 
 - ours: ``put_many`` of 64 rows, as the pipeline commits a batch (pipeline.batch_max default 64).
@@ -25,7 +25,7 @@ from common import REPO, rounds_of
 
 sys.path.insert(0, str(REPO))
 from edge_agent.config import OutboxConfig
-from edge_agent.outbox import Outbox
+from edge_agent.outbox.store import Outbox
 
 BATCH = 64
 SIDES = ["group", "single"]

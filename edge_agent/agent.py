@@ -1,8 +1,10 @@
 """The Agent: owns every stage and thread, starts them in order and stops them in reverse.
 
 Start: outbox → sink → tasks (models) → pipeline → source (subscribe last, so nothing arrives before
-there is somewhere durable to put it). Stop: stop intake → drain the queue (bounded) → ack → flush the
-sink (bounded) → close the outbox. The stop trigger is an injected Event: only the CLI installs signal
+there is somewhere durable to put it). Each stage's stop is pushed onto an ExitStack as the stage starts, so
+stop is start reversed — stop intake → drain the queue (bounded), acking → close the source → close the tasks
+→ flush the sink (bounded) → close the outbox → release its lock — and a start that fails halfway unwinds
+what it had started. The stop trigger is an injected Event: only the CLI installs signal
 handlers, so tests stop an Agent without signals. The reload trigger is another Event (SIGHUP in the CLI).
 
 systemd (Type=notify): READY=1 once the outbox is open, the models are loaded and the source broker has
@@ -22,21 +24,23 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 
 import structlog
 from pydantic import BaseModel
 
 from .config import Config
-from .credentials import preflight
 from .errors import ConfigError, OutboxError
 from .metrics import Metrics
+from .mqtt.client import preflight
+from .mqtt.sink import Sink
+from .mqtt.source import Source
 from .notify import Notifier, watchdog_interval
-from .outbox import Outbox
-from .outbox_lock import OutboxLock
+from .outbox.lock import OutboxLock
+from .outbox.store import Outbox
 from .pipeline import Pipeline
-from .processors import Task, build_tasks
-from .sink import Sink
-from .source import Source
+from .tasks.base import Task
+from .tasks.registry import build_tasks
 
 log = structlog.get_logger(__name__)
 
@@ -57,27 +61,41 @@ class Agent:
         self.pipeline: Pipeline | None = None
         self.tasks: dict[str, Task] = {}
         self._reloader: threading.Thread | None = None
+        self._started: ExitStack | None = None  # the stops of what start() started, run by stop()
+        self._drained = True  # False when stop's drain left a batch running inside a task
 
     def start(self) -> None:
+        """Start every stage in order, pushing each one's stop as it starts: stopping is starting reversed,
+        and a start that fails halfway (a model that does not load) unwinds what it had started."""
         cfg = self.cfg
-        preflight(cfg)  # passwords and TLS files: a bad path fails here, before anything starts
-        self.outbox_lock.acquire()  # one daemon per outbox; `edge-agent outbox purge` checks it too
-        self.outbox.open()
-        # Members of a share group run under one gateway id: the default sink id follows the member's own.
-        member = f"{cfg.source.client_id}-" if cfg.source.share_group else f"edge-agent-{cfg.gateway_id}-"
-        self.sink = Sink(cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"{member}sink",
-                         dead_letter_topic=cfg.dead_letter_topic)
-        self.sink.start()
-        self.tasks = build_tasks(cfg)
-        self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source")
-        self.pipeline = Pipeline(cfg, self.tasks, self.outbox, self.source.queue, self.source.ack, self.sink.wake,
-                                 metrics=self.metrics)
-        if self.metrics is not None:
-            self.metrics.loaded(self.tasks)
-            self.metrics.watch(self.outbox, self.source, self.sink)
-            self.metrics.serve(cfg.metrics)
-        self.pipeline.start()
-        self.source.start()
+        with ExitStack() as stack:
+            preflight(cfg)  # passwords and TLS files: a bad path fails here, before anything starts
+            self.outbox_lock.acquire()  # one daemon per outbox; `edge-agent outbox purge` checks it too
+            stack.callback(self.outbox_lock.release)
+            self.outbox.open()
+            stack.callback(self._close_outbox)
+            # Members of a share group run under one gateway id: the default sink id follows the member's own.
+            member = f"{cfg.source.client_id}-" if cfg.source.share_group else f"edge-agent-{cfg.gateway_id}-"
+            self.sink = Sink(cfg.sink, self.outbox, cfg.gateway_id, cfg.sink.client_id or f"{member}sink",
+                             dead_letter_topic=cfg.dead_letter_topic)
+            self.sink.start()
+            stack.callback(self._close_sink)
+            self.tasks = build_tasks(cfg)
+            stack.callback(self._close_tasks)
+            self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source")
+            stack.callback(self.source.close)  # after the drain below: the pipeline acks through the source
+            self.pipeline = Pipeline(cfg, self.tasks, self.outbox, self.source.queue, self.source.ack, self.sink.wake,
+                                     metrics=self.metrics)
+            if self.metrics is not None:
+                self.metrics.loaded(self.tasks)
+                self.metrics.watch(self.outbox, self.source, self.sink)
+                stack.callback(self.metrics.close)
+                self.metrics.serve(cfg.metrics)
+            self.pipeline.start()
+            stack.callback(self._drain)
+            self.source.start()
+            stack.callback(self.source.stop_intake)
+            self._started = stack.pop_all()
         log.info(
             "agent.started",
             gateway=cfg.gateway_id,
@@ -193,27 +211,36 @@ class Agent:
         return idle or time.monotonic() - self.pipeline.last_progress < 2 * ping
 
     def stop(self) -> None:
+        """Stop intake → drain the queue (bounded) → close the source → close the tasks → flush the sink
+        (bounded) → close the outbox → release its lock: start() in reverse."""
         if self._reloader is not None:
             self._reloader.join()  # a reload half-applied while stopping would close tasks twice
+        started, self._started = self._started, None
+        if started is not None:
+            started.close()
+
+    def _drain(self) -> None:
+        assert self.pipeline is not None
         timeout = self.cfg.pipeline.drain_timeout_s
-        if self.metrics is not None:
-            self.metrics.close()
-        if self.source is not None:
-            self.source.stop_intake()
-        drained = self.pipeline is None or self.pipeline.stop(timeout)
-        if not drained:
+        self._drained = self.pipeline.stop(timeout)
+        if not self._drained:
             log.warning("agent.drain_timeout", timeout_s=timeout, hint="unacked messages are redelivered on restart")
-        if self.source is not None:
-            self.source.close()
-        if self.sink is not None:
-            self.sink.flush(timeout)
-            self.sink.close()
-        if drained:  # never close a model under the batch still running in it (abandoned, never committed)
-            for task in self.tasks.values():
-                task.close()
+
+    def _close_tasks(self) -> None:
+        if not self._drained:  # never close a model under the batch still running in it (abandoned, uncommitted)
+            log.warning("agent.tasks_left_open", hint="a batch abandoned at stop is still inside a task")
+            return
+        for task in self.tasks.values():
+            task.close()
+
+    def _close_sink(self) -> None:
+        assert self.sink is not None
+        self.sink.flush(self.cfg.pipeline.drain_timeout_s)
+        self.sink.close()
+
+    def _close_outbox(self) -> None:
         stats = self.outbox.stats()
         self.outbox.close()
-        self.outbox_lock.release()
         log.info("agent.stopped", outbox_rows=stats.count, outbox_bytes=stats.bytes)
 
 

@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+from .topics import RESERVED, SEGMENT_NAME, check_template
 
 ENV_PREFIX = "EDGE_AGENT__"
 _TOPIC_WILDCARDS = re.compile(r"[+#]")
@@ -272,9 +273,6 @@ TaskConfig = Annotated[
 ]
 
 
-_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
-_SEGMENT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
-_RESERVED = ("topic", "gateway", "asset")
 
 
 class RouteConfig(_Frozen):
@@ -346,9 +344,9 @@ class RouteConfig(_Frozen):
     @classmethod
     def _segment_names(cls, v: tuple[str, ...], info: ValidationInfo) -> tuple[str, ...]:
         for name in v:
-            if not _SEGMENT_NAME.fullmatch(name) or name in _RESERVED:
+            if not SEGMENT_NAME.fullmatch(name) or name in RESERVED:
                 raise ValueError(
-                    f"segment name {name!r} must be lower-case letters, digits or '_' and not one of {_RESERVED}"
+                    f"segment name {name!r} must be lower-case letters, digits or '_' and not one of {RESERVED}"
                 )
         if len(set(v)) != len(v):
             raise ValueError("segment names must be distinct")
@@ -366,13 +364,7 @@ class RouteConfig(_Frozen):
         known = {"topic", "gateway", *info.data.get("topic_segments", ())}
         if info.field_name == "retain_latest_topic":
             known.add("asset")
-        for name in _PLACEHOLDER.findall(v):
-            if name not in known:
-                raise ValueError(f"unknown placeholder {{{name}}}: use one of {{{'}, {'.join(sorted(known))}}}")
-        literal = _PLACEHOLDER.sub("", v)
-        if "{" in literal or "}" in literal:
-            raise ValueError("unbalanced '{' or '}'")
-        _no_wildcards(literal, "an output topic")
+        _no_wildcards(check_template(v, known), "an output topic")
         return v
 
 
@@ -430,7 +422,7 @@ class Config(_Frozen):
             return self
         from paho.mqtt.client import topic_matches_sub  # a pure function: no client, no thread
 
-        from .results import output_topic
+        from .topics import output_topic
 
         status = self.sink.status_topic.replace("{gateway}", self.gateway_id)
         for i, route in enumerate(self.routes):

@@ -59,3 +59,7 @@ class DecodeError(EdgeAgentError):
 
 class TransientError(EdgeAgentError):
     """A failure worth retrying (broker unreachable, database locked)."""
+
+
+class InputError(EdgeAgentError):
+    """What a command was handed is unusable (an examples file with a bad row, nothing to learn from)."""

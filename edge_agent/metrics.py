@@ -26,10 +26,10 @@ from .config import MetricsConfig
 from .errors import ConfigError, EdgeAgentError
 
 if TYPE_CHECKING:
-    from .outbox import Outbox
+    from .mqtt.sink import Sink
+    from .mqtt.source import Source
+    from .outbox.store import Outbox
     from .pipeline import Outcome
-    from .sink import Sink
-    from .source import Source
 
 # Seconds. A rule-based task takes well under a millisecond per note, the generator seconds per batch.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)

@@ -36,12 +36,13 @@ from paho.mqtt.client import topic_matches_sub
 from .config import Config, RouteConfig
 from .decode import decode_notes
 from .errors import DeadLetterKind, DecodeError
-from .outbox import Outbox
-from .processors import Note, Task, progress
-from .results import deadletter_payload, output_topic, result_id, result_payload, retained
-from .sink import TokenBucket
-from .source import Inbound
-from .uns import first_asset, segments
+from .message import Inbound, Note
+from .outbox.store import Outbox, retained
+from .progress import progress
+from .ratelimit import TokenBucket
+from .results import deadletter_payload, result_id, result_payload
+from .tasks.base import Task
+from .topics import first_asset, output_topic, segments
 
 if TYPE_CHECKING:
     from .metrics import Metrics

@@ -10,8 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import re
-from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,39 +31,6 @@ def result_id(gateway: str, topic: str, output_topic: str, input_id: str | None,
     else:
         h.update(b"payload\0" + payload)
     return h.hexdigest()
-
-
-_PLACEHOLDER = re.compile(r"\{([a-z][a-z0-9_]*)\}")
-_NOT_IN_A_LEVEL = re.compile(r"[/+#\0]")
-# Marks an outbox row to be published retained. U+0000 is never in an MQTT topic (MQTT 5 §1.5.4), so the
-# mark cannot clash with a real topic, and the outbox needs no column of its own for a rare flag.
-_RETAIN = "\0"
-
-
-def output_topic(template: str, topic: str, gateway: str, fields: Mapping[str, str] | None = None) -> str:
-    """Fill a topic template. `fields` (named inbound levels, the asset) each fill exactly one level.
-    The inbound topic is text a publisher chose: braces in it (`plant/{gateway}/x`, `{0.__class__}`) must
-    come out as they went in, never filled or formatted, so `{topic}` is filled last (or in one pass)."""
-    if not fields:
-        return template.replace("{gateway}", gateway).replace("{topic}", topic)
-    values = {**{k: topic_level(v) for k, v in fields.items()}, "topic": topic, "gateway": gateway}
-    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), "_"), template)
-
-
-def topic_level(value: str) -> str:
-    """A value made safe as one topic level: '/', '+', '#' and NUL become '_', and empty becomes '_'
-    (an empty level would merge with its neighbours in a subscriber's view, a wildcard cannot be published)."""
-    return _NOT_IN_A_LEVEL.sub("_", value) or "_"
-
-
-def retained(topic: str) -> str:
-    """The outbox topic for a row the sink publishes with the retain flag."""
-    return _RETAIN + topic
-
-
-def split_retain(stored: str) -> tuple[str, bool]:
-    """(topic, retain) from an outbox topic."""
-    return (stored[1:], True) if stored.startswith(_RETAIN) else (stored, False)
 
 
 def dumps(obj: dict[str, Any]) -> bytes:

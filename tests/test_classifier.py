@@ -20,10 +20,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np
 import pytest
 
-from edge_agent import classifier, classifier_train
+from edge_agent.cli import classifier as cli_classifier
 from edge_agent.config import ClassifierTaskConfig
 from edge_agent.errors import ModelError
-from edge_agent.processors import Note
+from edge_agent.message import Note
+from edge_agent.tasks import classifier
+from edge_agent.train import classifier as classifier_train
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("EDGE_AGENT_MODEL_DIR") or REPO / "models" / "minilm-l6")
@@ -39,7 +41,7 @@ def encoder():
     if not (MODEL_DIR / "manifest.json").is_file():
         pytest.skip(f"no int8 encoder at {MODEL_DIR}: run `edge-agent models build minilm-l6 --out {MODEL_DIR}` "
                     "or set EDGE_AGENT_MODEL_DIR")
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     return Encoder(MODEL_DIR, intra_threads=2)
 
@@ -174,7 +176,7 @@ def test_char_ngram_hash_is_stable():
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="edge-agent")
-    classifier_train.add_parser(ap.add_subparsers(dest="command", required=True))
+    cli_classifier.add_parser(ap.add_subparsers(dest="command", required=True))
     return ap
 
 
@@ -214,8 +216,8 @@ def test_cli_train_rejects_bad_examples(tmp_path, capsys):
 
 
 def test_encoder_reports_progress_per_sub_batch(encoder) -> None:
-    """Each forward pass of a sub-batch is a heartbeat for the watchdog (processors.heartbeat)."""
-    from edge_agent.processors import progress
+    """Each forward pass of a sub-batch is a heartbeat for the watchdog (edge_agent.progress.heartbeat)."""
+    from edge_agent.progress import progress
 
     beats: list[int] = []
     texts = [f"pump P-{i} vibration {'high ' * (i % 7)}" for i in range(70)]
@@ -229,7 +231,7 @@ def test_encoder_reports_progress_per_sub_batch(encoder) -> None:
 
 def test_tasks_sharing_an_encoder_embed_a_batch_once(encoder, head_path) -> None:
     """Two classifiers on one route (category + urgency) share the batch's forward passes."""
-    from edge_agent.processors import progress
+    from edge_agent.progress import progress
 
     category = task(encoder, head_path)
     urgency = task(encoder, labels={"high": "urgent, line stopped", "low": "routine check, all ok"})

@@ -12,8 +12,9 @@ import pytest
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
 
-from edge_agent import config, credentials
+from edge_agent import config
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt import credentials
 
 REPO = Path(__file__).resolve().parent.parent
 ROUTE = '[[routes]]\ntopic = "plant/+/notes"\n'

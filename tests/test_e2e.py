@@ -15,7 +15,7 @@ import pytest
 
 from edge_agent import config
 from edge_agent.agent import Agent
-from edge_agent.outbox import Outbox
+from edge_agent.outbox.store import Outbox
 
 from .conftest import Broker, wait_for, write_config
 

@@ -29,10 +29,10 @@ from hypothesis import strategies as st
 from edge_agent import config
 from edge_agent.decode import decode
 from edge_agent.errors import ConfigError, DecodeError
-from edge_agent.outbox import Outbox
+from edge_agent.message import Inbound
+from edge_agent.outbox.store import Outbox
 from edge_agent.pipeline import MAX_TOPIC_BYTES, Pipeline
-from edge_agent.processors import build_tasks
-from edge_agent.source import Inbound
+from edge_agent.tasks.registry import build_tasks
 
 from . import test_e2e
 from .conftest import REPO, wait_for, write_config

@@ -11,18 +11,16 @@ from pydantic import ValidationError
 
 from edge_agent.config import GeneratorTaskConfig
 from edge_agent.errors import ModelError
-from edge_agent.generator import (
-    EXAMPLE_NOTE,
+from edge_agent.message import Note
+from edge_agent.tasks.generator import (
     GeneratorTask,
-    chat_format,
     check_result,
-    example_values,
     ground,
     ground_words,
     grounded_result,
     result_schema,
 )
-from edge_agent.processors import Note
+from edge_agent.tasks.prompt import EXAMPLE_NOTE, chat_format, example_values
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "smollm2-135m-instruct"
@@ -249,7 +247,7 @@ def test_wrong_kind_and_closed_task_are_model_errors(task: GeneratorTask) -> Non
 def test_generation_reports_progress_for_the_watchdog(task: GeneratorTask) -> None:
     """A 256-note batch can take a minute on 2 cores: the task beats after every length group of every
     field, so the pipeline's watchdog sees a slow batch progressing (tests/test_notify.py)."""
-    from edge_agent.processors import progress
+    from edge_agent.progress import progress
 
     beats: list[float] = []
     with progress(lambda: beats.append(0.0)):

@@ -25,11 +25,11 @@ from hypothesis import strategies as st
 
 from edge_agent import config
 from edge_agent import sparkplug_b_pb2 as spb
-from edge_agent.outbox import Outbox
+from edge_agent.message import Inbound, Note
+from edge_agent.outbox.store import Outbox
 from edge_agent.pipeline import Pipeline
-from edge_agent.processors import Note, build_tasks
 from edge_agent.results import result_id
-from edge_agent.source import Inbound
+from edge_agent.tasks.registry import build_tasks
 
 from . import test_e2e
 from .conftest import wait_for, write_config

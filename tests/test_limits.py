@@ -11,7 +11,7 @@ import base64
 import json
 import time
 
-from edge_agent.results import output_topic
+from edge_agent.topics import output_topic
 
 from . import test_e2e
 from .conftest import wait_for, write_config

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent.config import LogTemplateTaskConfig
-from edge_agent.logtemplate import LogTemplateTask, parameters
-from edge_agent.processors import Note
+from edge_agent.message import Note
+from edge_agent.tasks.logtemplate import LogTemplateTask, parameters
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

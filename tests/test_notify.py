@@ -20,9 +20,10 @@ import pytest
 from edge_agent import agent as agent_module
 from edge_agent import config
 from edge_agent.agent import Agent
+from edge_agent.message import Note
 from edge_agent.notify import Notifier
-from edge_agent.processors import Note, heartbeat
-from edge_agent.sink import TokenBucket
+from edge_agent.progress import heartbeat
+from edge_agent.ratelimit import TokenBucket
 
 from .conftest import Broker, Publisher, free_port, wait_for, write_config
 

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 from structlog.testing import capture_logs
 
-from edge_agent import outbox as outbox_mod
 from edge_agent.config import OutboxConfig
 from edge_agent.errors import OutboxError
-from edge_agent.outbox import Outbox, Record
+from edge_agent.outbox import store as outbox_mod
+from edge_agent.outbox.store import Outbox, Record
 
 MIN_BYTES = 64 * 1024  # the smallest max_bytes the config model allows
 CORRUPT_NAME = re.compile(r"^outbox\.db\.corrupt-\d{8}T\d{6}Z$")
@@ -529,7 +529,7 @@ def test_backward_clock_jump_keeps_future_rows(tmp_path: Path) -> None:
 
 def test_outbox_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     from edge_agent.errors import OutboxError
-    from edge_agent.outbox_lock import OutboxLock
+    from edge_agent.outbox.lock import OutboxLock
 
     db = tmp_path / "outbox.db"
     with OutboxLock(db), pytest.raises(OutboxError, match=r"in use by a running edge-agent \(pid \d+\)"):

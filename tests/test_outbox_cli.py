@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.cli import main
+from edge_agent.cli.main import main
 from edge_agent.config import OutboxConfig
-from edge_agent.outbox import Outbox
+from edge_agent.outbox.store import Outbox, retained
 
 from .conftest import free_port, wait_for, write_config
 
@@ -72,6 +72,36 @@ def test_export_jsonl_with_topic_filter_and_out_file(site: Path, capsys, tmp_pat
                      "--out", str(dest))
     assert rc == 0 and out == ""
     assert [json.loads(line)["id"] for line in dest.read_text().splitlines()] == ["new0", "new1"]
+
+
+def test_retained_rows_show_and_match_by_their_topic(tmp_path: Path, capsys) -> None:
+    """Rows the sink publishes retained (UNS "latest") are read through the outbox's own row codec: stats,
+    export and purge see `uns/...`, never the stored marker, and an MQTT filter matches them."""
+    cfg = write_config(tmp_path / "c.toml", source_port=free_port(), sink_port=free_port(), outbox=tmp_path / "o.db")
+    with Outbox(OutboxConfig(path=tmp_path / "o.db")) as ob:
+        ob.put_many([("r", "edge/results/plant/l1/notes", b"{}"),
+                     ("l1", retained("uns/site/l1/P-101/latest"), b"{}"),
+                     ("l2", retained("uns/site/l1/P-101/latest"), b"{}"),
+                     ("l3", retained("uns/site/l2/M-7/latest"), b"{}")])
+        assert [(r.topic, r.retain) for r in ob.batch(10)] == [
+            ("edge/results/plant/l1/notes", False), ("uns/site/l1/P-101/latest", True),
+            ("uns/site/l1/P-101/latest", True), ("uns/site/l2/M-7/latest", True)]
+
+    rc, out, _ = run(capsys, "outbox", "stats", "--config", str(cfg), "--json")
+    s = json.loads(out)
+    assert rc == 0 and s["retained"] == 3
+    assert s["topics"] == {"uns/site/l1/P-101/latest": 2, "edge/results/plant/l1/notes": 1, "uns/site/l2/M-7/latest": 1}
+
+    rc, out, _ = run(capsys, "outbox", "export", "--config", str(cfg), "--topic", "uns/#")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert rc == 0 and [(r["id"], r["topic"], r["retain"]) for r in rows] == [
+        ("l1", "uns/site/l1/P-101/latest", True), ("l2", "uns/site/l1/P-101/latest", True),
+        ("l3", "uns/site/l2/M-7/latest", True)]
+
+    rc, out, _ = run(capsys, "outbox", "purge", "--config", str(cfg), "--topic", "uns/+/l1/#", "--yes")
+    assert rc == 0 and "deleted 2 row(s)" in out
+    with Outbox(OutboxConfig(path=tmp_path / "o.db")) as ob:
+        assert [r.id for r in ob.batch(10)] == ["r", "l3"]
 
 
 def test_purge_needs_yes_and_honours_filters(site: Path, capsys) -> None:

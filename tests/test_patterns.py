@@ -13,8 +13,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge_agent.config import PatternsTaskConfig
-from edge_agent.patterns import _ANY_CASE, _CANONICAL, _EXACT, _UNITS, PatternsTask, extract
-from edge_agent.processors import Note, build_tasks
+from edge_agent.message import Note
+from edge_agent.tasks.patterns import _ANY_CASE, _CANONICAL, _EXACT, _UNITS, PatternsTask, extract
+from edge_agent.tasks.registry import build_tasks
 
 # (text, assets, codes, measurements as (text, value, unit, quantity, normalized value, normalized unit)).
 # Each listed text occurs once in its note, so its expected start is text.index(item).

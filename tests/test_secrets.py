@@ -19,8 +19,9 @@ from pathlib import Path
 import pytest
 
 from edge_agent import config
-from edge_agent.credentials import password, preflight
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt.client import preflight
+from edge_agent.mqtt.credentials import password
 
 from .conftest import REPO, Broker, free_port, wait_for, write_config
 

@@ -14,9 +14,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from edge_agent import tagger, tagger_train
+from edge_agent.cli import tagger as cli_tagger
 from edge_agent.errors import EdgeAgentError, ModelError
-from edge_agent.processors import Note
+from edge_agent.message import Note
+from edge_agent.tasks import tagger
+from edge_agent.train import tagger as tagger_train
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("EDGE_AGENT_MODEL_DIR", REPO / "models" / "minilm-l6"))
@@ -55,7 +57,7 @@ def split(rows: list[dict]) -> tuple[list[dict], list[dict]]:
 def encoder():
     if not (MODEL / "manifest.json").is_file():
         pytest.skip(f"no int8 encoder at {MODEL}: run `edge-agent models build minilm-l6` or set EDGE_AGENT_MODEL_DIR")
-    from edge_agent.encoder import Encoder
+    from edge_agent.models.encoder import Encoder
 
     return Encoder(MODEL, intra_threads=2, max_length=128)
 
@@ -239,7 +241,7 @@ def test_cli_train_and_predict(encoder, split, tmp_path, monkeypatch, capsys) ->
     examples = tmp_path / "train.jsonl"
     examples.write_text("".join(json.dumps(ex) + "\n" for ex in split[0][:60]))
     parser = argparse.ArgumentParser()
-    tagger_train.add_parser(parser.add_subparsers(dest="command", required=True))
+    cli_tagger.add_parser(parser.add_subparsers(dest="command", required=True))
     head = tmp_path / "h.npz"
     args = parser.parse_args(["tagger", "train", "--model", str(MODEL), "--examples", str(examples),
                               "--out", str(head), "--epochs", "3", "--threads", "2"])

@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 
 from edge_agent import config
-from edge_agent.credentials import preflight
 from edge_agent.errors import ConfigError
+from edge_agent.mqtt.client import preflight
 
 from . import test_e2e
 from .conftest import REPO, Broker, accepting, free_port, wait_for, write_config

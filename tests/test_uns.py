@@ -10,8 +10,8 @@ import pytest
 
 from edge_agent import config
 from edge_agent.errors import ConfigError
-from edge_agent.results import output_topic, retained, split_retain
-from edge_agent.uns import first_asset, segments
+from edge_agent.outbox.store import retained, split_retain
+from edge_agent.topics import first_asset, output_topic, segments
 
 from .conftest import Broker, Collector, wait_for, write_config
 from .test_e2e import Running

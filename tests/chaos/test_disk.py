@@ -92,7 +92,7 @@ def test_expire_failing_on_a_full_disk_does_not_stop_the_daemon(tmp_path, monkey
     from edge_agent import agent as agent_mod
     from edge_agent import config
     from edge_agent.errors import OutboxError
-    from edge_agent.source import Source
+    from edge_agent.mqtt.source import Source
 
     from ..conftest import write_config
 

@@ -1,0 +1,100 @@
+"""`edge-agent classifier train|predict`: train a head on labelled examples, or run one over JSONL."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ..tasks.classifier import ClassifierTask, Features, encoder_sha256
+from .exit_codes import guarded
+
+if TYPE_CHECKING:
+    from ..models.encoder import Encoder
+
+
+def _encoder(args: argparse.Namespace) -> Encoder:
+    from ..models.encoder import Encoder
+
+    return Encoder(args.model, intra_threads=args.threads)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from ..train.classifier import read_examples, train
+
+    texts, labels = read_examples(args.examples)
+    dev = read_examples(args.dev) if args.dev else None
+    encoder = _encoder(args)
+    features = Features(w_emb=args.emb_weight, w_char=args.char_weight)
+    start = time.monotonic()
+    emb = encoder.embed(texts) if features.w_emb else None
+    head = train(texts, labels, emb, encoder_sha=encoder_sha256(encoder), features=features, c=args.c,
+                 meta={"encoder": encoder.manifest.get("name"), "examples_file": str(args.examples)})
+    seconds = time.monotonic() - start
+    head.save(args.out)
+    print(f"{args.out}: {len(texts)} examples, {len(head.labels)} labels, trained in {seconds:.1f} s "
+          f"(embedding + fit + calibration, temperature {head.temperature:.2f})")
+    if dev:
+        dev_texts, dev_labels = dev
+        p = head.probabilities(encoder.embed(dev_texts) if features.w_emb else None, dev_texts)
+        acc = float(np.mean([head.labels[i] == y for i, y in zip(p.argmax(axis=1), dev_labels, strict=True)]))
+        print(f"dev: {len(dev_texts)} examples, accuracy {acc:.3f}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from ..config import ClassifierTaskConfig
+
+    cfg = ClassifierTaskConfig.model_validate({"kind": "classifier", "model": args.model, "head": args.head})
+    task = ClassifierTask("predict", cfg, _encoder(args))
+
+    def flush(batch: list[str | dict[str, Any]]) -> None:
+        results = iter(task.results([x for x in batch if isinstance(x, str)]))
+        for item in batch:
+            if isinstance(item, str):
+                item = next(results)
+                del item["review"]
+            sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
+        sys.stdout.flush()
+
+    batch: list[str | dict[str, Any]] = []  # a text to classify, or the error line for a bad input line
+    for line in sys.stdin:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                raise ValueError('expected a JSON object with a string "text"')
+            batch.append(row["text"])
+        except ValueError as e:
+            batch.append({"error": str(e)})
+        if len(batch) >= args.batch_size:
+            flush(batch)
+            batch = []
+    flush(batch)
+    return 0
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("classifier", help="train a classifier head, or run one over JSONL")
+    sub = p.add_subparsers(dest="classifier_command", required=True)
+    t = sub.add_parser("train", help="train a head from labelled examples (numpy, seconds)")
+    t.add_argument("--model", type=Path, required=True, help="encoder directory (edge-agent models build)")
+    t.add_argument("--examples", type=Path, required=True, help='JSONL rows {"text", "label"}')
+    t.add_argument("--out", type=Path, required=True, help="head file to write (.npz)")
+    t.add_argument("--dev", type=Path, help="JSONL rows {text, label} to report accuracy on")
+    t.add_argument("--c", type=float, default=10.0, help="inverse L2 strength (default: best on FMC dev)")
+    t.add_argument("--emb-weight", type=float, default=Features.w_emb, help="0 = character n-grams only")
+    t.add_argument("--char-weight", type=float, default=Features.w_char, help="0 = embedding only")
+    t.add_argument("--threads", type=int, default=0, help="encoder threads (0 = one per core)")
+    t.set_defaults(func=guarded(cmd_train))
+    q = sub.add_parser("predict", help='JSONL {"text"} on stdin -> {"label", "score", "scores"} on stdout')
+    q.add_argument("--model", type=Path, required=True, help="the encoder the head was trained on")
+    q.add_argument("--head", type=Path, required=True)
+    q.add_argument("--batch-size", type=int, default=64, help="lines per encoder call")
+    q.add_argument("--threads", type=int, default=0, help="encoder threads (0 = one per core)")
+    q.set_defaults(func=guarded(cmd_predict))
+    return p

@@ -1,0 +1,140 @@
+"""The source: the gateway's local broker, where notes and logs arrive.
+
+QoS 1, persistent session, `manual_ack=True`: an inbound message is acknowledged only after its
+result (or dead-letter record) is committed to the outbox — the at-least-once rule. `on_message`
+never blocks: it hands the message to a bounded queue; back-pressure comes from the broker, which
+sends at most Receive Maximum unacknowledged messages (MQTT 5).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import structlog
+
+from ..config import RouteConfig, SourceConfig
+from ..message import Inbound
+from .client import connect_async, is_failure, make_client, refused_hint
+
+log = structlog.get_logger(__name__)
+
+
+class Source:
+    def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str) -> None:
+        self._cfg = cfg
+        self._filters = sorted({r.topic for r in routes})
+        self._stale: set[str] = set()  # removed by a reload while disconnected: unsubscribe on connect
+        self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
+        self._client = make_client(cfg, client_id, name="source", persistent=True, manual_ack=True)
+        self._client.on_connect = self._on_connect
+        self._client.on_disconnect = self._on_disconnect
+        self._client.on_message = self._on_message
+        self._client.on_subscribe = self._on_subscribe
+        self._accepting = threading.Event()
+        self.connected = threading.Event()
+        self.subscribed = threading.Event()  # the broker granted every filter once: intake works (READY)
+        self.received = 0
+        self.backpressure = 0  # half-second waits on a full queue
+        self.reconnects = 0
+
+    # paho callbacks (run on paho's network thread; must not block) ------------------------------
+    def _on_connect(self, client: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
+        if is_failure(rc):
+            log.error(
+                "source.connect_refused",
+                reason=str(rc),
+                host=self._cfg.host,
+                port=self._cfg.port,
+                hint=refused_hint("source", rc),
+            )
+            return
+        if self._cfg.share_group:
+            # A session from before the group was configured may still hold the plain filters: with them,
+            # this member would get every message on top of its share.
+            client.unsubscribe(self._filters)
+        # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
+        client.subscribe([(self._cfg.subscription(f), 1) for f in self._filters])
+        if stale := sorted(self._stale - set(self._filters)):
+            client.unsubscribe([self._cfg.subscription(f) for f in stale])  # a persistent session keeps them
+        self._stale.clear()
+        if self.connected.is_set():
+            return
+        self.connected.set()
+        log.info(
+            "source.connected",
+            host=self._cfg.host,
+            port=self._cfg.port,
+            filters=self._filters,
+            share_group=self._cfg.share_group,
+        )
+
+    def _on_subscribe(self, _c: mqtt.Client, _u: object, _mid: int, codes: list, _p: object = None) -> None:
+        refused = [str(c) for c in codes if is_failure(c)]
+        if refused:  # an ACL, most likely: never READY, so systemd reports the failed start
+            log.error("source.subscribe_refused", reasons=refused, filters=self._filters)
+            return
+        self.subscribed.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
+        if self.connected.is_set() and is_failure(rc):
+            self.reconnects += 1
+            log.warning("source.disconnected", reason=str(rc))
+        self.connected.clear()
+
+    def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
+        item = Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time())
+        # Blocking here when the queue is full stops paho reading the socket: TCP back-pressure. Mosquitto
+        # 2.0 can send more than Receive Maximum (a whole window per PUBACK), so "cannot fill" is not true,
+        # and dropping an unacked message would strand it until the next session. Acks do not need this
+        # thread to return (paho queues them), so the pipeline keeps draining and this unblocks.
+        while self._accepting.is_set():
+            try:
+                self.queue.put(item, timeout=0.5)
+                self.received += 1
+                return
+            except queue.Full:
+                self.backpressure += 1
+        # Stopping: left unacked, the broker redelivers it to our next session.
+
+    # lifecycle -------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._accepting.set()
+        connect_async(self._client, self._cfg, persistent=True, receive_maximum=self._cfg.receive_maximum)
+        self._client.loop_start()
+
+    def stop_intake(self) -> None:
+        self._accepting.clear()
+
+    def unsubscribe_removed(self, routes: tuple[RouteConfig, ...]) -> list[str]:
+        """Hot reload, before the pipeline swap: stop subscriptions no new route has.
+
+        Messages the broker already sent us stay queued and are processed (and acked) as usual. The session is
+        persistent, so a filter we cannot unsubscribe now (disconnected) is unsubscribed on the next connect.
+        """
+        keep = {r.topic for r in routes}
+        removed = [f for f in self._filters if f not in keep]
+        if removed:
+            self._filters = [f for f in self._filters if f in keep]
+            if self._client.unsubscribe([self._cfg.subscription(f) for f in removed])[0] != mqtt.MQTT_ERR_SUCCESS:
+                self._stale.update(removed)
+        return removed
+
+    def subscribe_added(self, routes: tuple[RouteConfig, ...]) -> list[str]:
+        """Hot reload, after the pipeline swap (so nothing arrives before a route can take it): new filters.
+        Disconnected, the next connect subscribes them with the rest."""
+        added = sorted({r.topic for r in routes} - set(self._filters))
+        if added:
+            self._filters = sorted({*self._filters, *added})
+            self._client.subscribe([(self._cfg.subscription(f), 1) for f in added])
+        return added
+
+    def ack(self, item: Inbound) -> None:
+        if item.qos > 0:
+            self._client.ack(item.mid, item.qos)
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()

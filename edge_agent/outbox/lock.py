@@ -1,0 +1,69 @@
+"""The daemon's exclusive lock on its outbox file, so that only one process ever writes it."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+
+from ..errors import OutboxError
+
+
+class OutboxLock:
+    """An exclusive lock on `<outbox>.lock`, held by the running daemon for its whole life.
+
+    It keeps a second daemon off the same outbox and lets `edge-agent outbox purge` refuse while the
+    daemon runs. flock, not SQLite's own locking: SQLite locks only for the length of a transaction.
+    The kernel drops the lock when the holder dies, so a SIGKILLed daemon leaves no stale lock behind.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(f"{db_path}.lock")
+        self._fd: int | None = None
+
+    def acquire(self) -> OutboxLock:
+        """Take the lock or raise OutboxError naming the holder's pid."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        created = not self.path.exists()
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise OutboxError(f"outbox {str(self.path).removesuffix('.lock')} is in use by a running edge-agent "
+                              f"(pid {holder}); stop the daemon first") from None
+        if created and os.geteuid() == 0:  # an operator's `outbox purge` as root: leave it usable by the daemon
+            owner = self.path.parent.stat()
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._fd = fd
+        return self
+
+    @staticmethod
+    def holder(db_path: Path) -> str | None:
+        """The pid (as written) of the process holding the lock, or None when nobody does. Only probes:
+        never creates the file, so an operator's read-only command leaves no root-owned file behind."""
+        try:
+            fd = os.open(f"{db_path}.lock", os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        finally:
+            os.close(fd)  # drops our probe lock, if we got it
+        return None
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the file stays (removing it would race a new holder)
+            self._fd = None
+
+    def __enter__(self) -> OutboxLock:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()

@@ -1,0 +1,408 @@
+"""The durable outbox: every result is committed here before its inbound message is acked.
+
+The contract is Telegraf's buffer, made durable: ``put_many`` adds (and may drop the oldest rows when the
+byte bound is hit), ``batch`` reads, ``accept`` deletes what the uplink broker PUBACKed. Not accepting a
+row is the reject: it stays and shows up in the next ``batch``. Rows leave only through ``accept`` or a
+bound (``max_bytes`` in ``put_many``, ``max_age_s`` in ``expire``), every bound drop counted and logged.
+
+One SQLite connection is shared by the processor thread (writes) and the sink thread (reads, deletes),
+serialised by one lock: SQLite's own locking would only turn contention into SQLITE_BUSY retries, and a
+single connection keeps ``last_insert_rowid()`` and transactions unambiguous.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+
+import structlog
+import tenacity
+
+from ..config import OutboxConfig
+from ..errors import OutboxError, TransientError
+
+log = structlog.get_logger(__name__)
+
+SCHEMA_VERSION = 1
+# Payload last: SQLite reads columns in order, so seq/size/created_at stay cheap to read even if a big
+# payload spills onto overflow pages. The created_at index makes expire() and oldest_created_at
+# O(log n) instead of a scan of the whole (possibly 512 MB) table.
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL,
+    topic      TEXT NOT NULL,
+    size       INTEGER NOT NULL,
+    created_at REAL NOT NULL,
+    payload    BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
+"""
+_COLUMNS = {"seq", "id", "topic", "size", "created_at", "payload"}
+_MAX_SEQ = 2**63 - 1
+_SIBLINGS = ("", "-wal", "-shm")
+_CHUNK = 500  # host parameters per IN (...) list; old SQLite builds cap them at 999
+
+# Gateways without a battery-backed clock boot near 1970 and stamp rows with that until NTP syncs. No
+# row written by this release can truly be older than this (2025-01-01 UTC; systemd keeps a similar
+# floor, TIME_EPOCH): a created_at below it, or a clock reading below it, is an unset clock, not an age.
+PLAUSIBLE_AFTER = 1_735_689_600.0
+
+# Opening is retried only while another process holds the file locked (a backup, an operator's sqlite3
+# shell). Module-level so tests can shorten them.
+OPEN_ATTEMPTS = 4
+BUSY_TIMEOUT_S = 2.0
+
+
+# The row format is this module's alone: a row's `topic` column holds the MQTT topic, prefixed with U+0000
+# when the sink is to publish it retained. U+0000 is never in an MQTT topic (MQTT 5 §1.5.4), so the mark cannot
+# clash with a real topic, and the schema needs no column for a rare flag. Writers mark with `retained()`;
+# every reader (the sink through `batch`, `edge-agent outbox` through `admin`) gets it back as Record.retain.
+_RETAIN = "\0"
+
+
+def retained(topic: str) -> str:
+    """The row topic for a row the sink publishes with the retain flag."""
+    return _RETAIN + topic
+
+
+def split_retain(stored: str) -> tuple[str, bool]:
+    """(topic, retain) from a row's topic column."""
+    return (stored[1:], True) if stored.startswith(_RETAIN) else (stored, False)
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    seq: int
+    id: str
+    topic: str  # the MQTT topic, retain mark removed
+    payload: bytes
+    created_at: float
+    retain: bool = False
+
+    @classmethod
+    def from_row(cls, seq: int, rid: str, stored_topic: str, payload: bytes, created_at: float) -> Record:
+        topic, retain = split_retain(stored_topic)
+        return cls(seq, rid, topic, payload, created_at, retain)
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxStats:
+    count: int
+    bytes: int
+    oldest_created_at: float | None
+    added: int  # counters below are since open()
+    accepted: int
+    dropped: int
+    corrupt_files: int
+    path: Path
+    dropped_max_bytes: int = 0  # the split of `dropped` by the bound that dropped them
+    dropped_max_age: int = 0
+
+
+class _CorruptFile(Exception):
+    """The file is not a usable outbox: move it aside, never delete it."""
+
+
+class Outbox:
+    def __init__(self, cfg: OutboxConfig, *, clock: Callable[[], float] = time.time) -> None:
+        self._cfg = cfg
+        self._path = Path(cfg.path)
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        # Kept in memory so that the bound check in put_many costs nothing; recomputed at open().
+        self._count = self._bytes = self._max_seq = 0
+        self._added = self._accepted = self._dropped = self._corrupt_files = 0
+        self._dropped_bytes = self._dropped_age = 0
+        self._clock_unset_logged = False
+
+    def open(self) -> Outbox:
+        with self._lock:
+            if self._conn is not None:
+                return self
+            self._added = self._accepted = self._dropped = self._corrupt_files = 0
+            self._dropped_bytes = self._dropped_age = 0
+            try:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise OutboxError(f"cannot create outbox directory {self._path.parent}: {e.strerror}") from e
+            retrying = tenacity.Retrying(
+                retry=tenacity.retry_if_exception_type(TransientError),
+                stop=tenacity.stop_after_attempt(OPEN_ATTEMPTS),
+                wait=tenacity.wait_exponential(multiplier=0.2, max=2.0),
+                before_sleep=lambda rs: log.warning("outbox.locked", path=str(self._path), attempt=rs.attempt_number),
+                reraise=True,
+            )
+            try:
+                conn = retrying(self._connect_or_quarantine)
+            except TransientError as e:
+                raise OutboxError(f"outbox {self._path} stayed locked by another process: {e}") from e
+            self._conn = conn
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()  # the last connection to close checkpoints the WAL into the main file
+                self._conn = None
+
+    def __enter__(self) -> Outbox:
+        return self.open()
+
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def put_many(self, rows: Sequence[tuple[str, str, bytes]]) -> int:
+        """Append (id, topic, payload) rows in ONE transaction; return the last seq assigned.
+
+        The caller may ack the inbound messages as soon as this returns: the rows are on disk
+        (WAL + synchronous=FULL). One commit per batch is what makes this fast. With no rows,
+        nothing is written and the current max_seq is returned.
+        """
+        if not rows:
+            return self.max_seq()
+        now = self._clock()
+        params = [(rid, topic, len(payload) + len(topic.encode()), now, payload) for rid, topic, payload in rows]
+        added_bytes = sum(p[2] for p in params)
+        with self._lock:
+            conn = self._require_open()
+            with self._transaction(conn, "append"):
+                conn.executemany("INSERT INTO outbox (id, topic, size, created_at, payload) VALUES (?,?,?,?,?)", params)
+                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                dropped, freed = self._trim_oldest(conn, self._bytes + added_bytes - self._cfg.max_bytes)
+            # Committed: only now may the in-memory view move, so a failed commit leaves it exact.
+            self._count += len(params) - dropped
+            self._bytes += added_bytes - freed
+            self._added += len(params)
+            self._dropped += dropped
+            self._dropped_bytes += dropped
+            self._max_seq = last
+        if dropped:
+            log.warning("outbox.dropped", count=dropped, reason="max_bytes", max_bytes=self._cfg.max_bytes)
+        return last
+
+    def expire(self) -> int:
+        """Drop rows older than max_age_s (by created_at against the clock); return how many.
+
+        A clock jump must never drop a row early. While the clock reads before PLAUSIBLE_AFTER it is
+        unset (no RTC, no NTP yet): nothing expires. Once it is plausible, rows stamped by the unset
+        clock get "now" as their created_at, so their age counts from the first trustworthy reading
+        (never early; at worst max_age_s late). Rows stamped after a backward jump sit in the future
+        and are younger than any cutoff, so they stay.
+        """
+        now = self._clock()
+        if now < PLAUSIBLE_AFTER:
+            if not self._clock_unset_logged:
+                self._clock_unset_logged = True
+                log.warning("outbox.clock_unset", now=now, hint="no rows expire by age until the clock is set")
+            return 0
+        cutoff = now - self._cfg.max_age_s
+        with self._lock:
+            conn = self._require_open()
+            with self._transaction(conn, "expire"):
+                restamped = conn.execute(
+                    "UPDATE outbox SET created_at = ? WHERE created_at < ?", (now, PLAUSIBLE_AFTER)
+                ).rowcount
+                n, freed = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE created_at < ?", (cutoff,)
+                ).fetchone()
+                conn.execute("DELETE FROM outbox WHERE created_at < ?", (cutoff,))
+            self._count -= n
+            self._bytes -= freed
+            self._dropped += n
+            self._dropped_age += n
+        if restamped:
+            log.warning("outbox.clock_restamped", count=restamped, reason="stamped before the clock was set")
+        if n:
+            log.warning("outbox.dropped", count=n, reason="max_age", max_age_s=self._cfg.max_age_s)
+        return n
+
+    def batch(self, n: int, after_seq: int = 0, up_to_seq: int | None = None) -> list[Record]:
+        """Up to n rows with after_seq < seq <= up_to_seq, oldest first. Reading removes nothing."""
+        if n <= 0:
+            return []
+        hi = _MAX_SEQ if up_to_seq is None else up_to_seq
+        with self._lock:
+            rows = self._require_open().execute(
+                "SELECT seq, id, topic, payload, created_at FROM outbox "
+                "WHERE seq > ? AND seq <= ? ORDER BY seq LIMIT ?", (after_seq, hi, n)
+            ).fetchall()
+        return [Record.from_row(*r) for r in rows]
+
+    def accept(self, seqs: Iterable[int]) -> int:
+        """Delete rows the uplink broker acknowledged; return how many existed. Unknown seqs (already
+        accepted, or dropped by a bound while in flight) are ignored, so accepting twice is harmless."""
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return 0
+        n = freed = 0
+        with self._lock:
+            conn = self._require_open()
+            # A delete need not reach the disk before we go on: the next FULL commit syncs the WAL up to
+            # here, and a delete lost to power failure only re-sends a row (at-least-once allows it).
+            conn.execute("PRAGMA synchronous=NORMAL")
+            try:
+                with self._transaction(conn, "accept"):
+                    for i in range(0, len(wanted), _CHUNK):
+                        chunk = wanted[i : i + _CHUNK]
+                        marks = ",".join("?" * len(chunk))
+                        c, s = conn.execute(
+                            f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE seq IN ({marks})", chunk
+                        ).fetchone()
+                        if c:
+                            conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
+                        n, freed = n + c, freed + s
+            finally:
+                conn.execute("PRAGMA synchronous=FULL")
+            self._count -= n
+            self._bytes -= freed
+            self._accepted += n
+        return n
+
+    def max_seq(self) -> int:
+        """Highest seq ever assigned (0 for a new outbox); seqs are never reused, even after deletes."""
+        with self._lock:
+            self._require_open()
+            return self._max_seq
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            oldest = self._require_open().execute("SELECT MIN(created_at) FROM outbox").fetchone()[0]
+            return OutboxStats(self._count, self._bytes, oldest, self._added, self._accepted,
+                               self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age)
+
+    # -- internals (callers hold self._lock) -------------------------------------------------------
+
+    def _require_open(self) -> sqlite3.Connection:
+        if self._conn is None:
+            raise OutboxError(f"outbox {self._path} is not open")
+        return self._conn
+
+    @contextmanager
+    def _transaction(self, conn: sqlite3.Connection, what: str) -> Iterator[None]:
+        # IMMEDIATE takes the write lock up front, so a busy file fails at BEGIN, not halfway through.
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            yield
+            conn.execute("COMMIT")
+        except BaseException as e:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            if isinstance(e, sqlite3.Error):
+                raise OutboxError(f"outbox {what} failed at {self._path}: {e}") from e
+            raise
+
+    @staticmethod
+    def _trim_oldest(conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
+        """Delete the oldest rows (by seq) until `excess` bytes are freed; return (rows, bytes)."""
+        n = freed = last = 0
+        while freed < excess:
+            page = conn.execute("SELECT seq, size FROM outbox WHERE seq > ? ORDER BY seq LIMIT 256", (last,)).fetchall()
+            if not page:
+                break
+            for seq, size in page:
+                n, freed, last = n + 1, freed + size, seq
+                if freed >= excess:
+                    break
+        if n:
+            conn.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+        return n, freed
+
+    def _connect_or_quarantine(self) -> sqlite3.Connection:
+        # Judge an existing file through a read-only connection: closing a read-write one would
+        # checkpoint its WAL into the damaged file and delete the -wal, destroying the evidence we keep.
+        if self._path.exists():
+            probe = self._sqlite(readonly=True)
+            try:
+                self._run(probe, self._check)
+            except _CorruptFile as e:  # _run has closed the probe, so nothing holds the file now
+                self._quarantine(str(e))
+            else:
+                probe.close()
+        conn = self._sqlite(readonly=False)
+        try:
+            self._run(conn, self._prepare)
+        except _CorruptFile as e:  # passed the probe, then failed: do not loop on it
+            raise OutboxError(f"outbox {self._path} is unusable: {e}") from e
+        return conn
+
+    def _sqlite(self, *, readonly: bool) -> sqlite3.Connection:
+        target = self._path.resolve().as_uri() + "?mode=ro" if readonly else str(self._path)
+        try:
+            return sqlite3.connect(target, uri=readonly, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                                   check_same_thread=False)
+        except sqlite3.Error as e:
+            raise self._classify(e) from e
+
+    def _run(self, conn: sqlite3.Connection, step: Callable[[sqlite3.Connection], None]) -> None:
+        try:
+            step(conn)
+        except BaseException as e:
+            conn.close()
+            if isinstance(e, sqlite3.Error):
+                raise self._classify(e) from e
+            raise
+
+    def _version(self, conn: sqlite3.Connection) -> int:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]  # garbage fails here: SQLITE_NOTADB
+        if version > SCHEMA_VERSION:
+            raise OutboxError(f"outbox {self._path} has schema version {version}, newer than this edge-agent "
+                              f"knows ({SCHEMA_VERSION}); refusing to touch it (downgrade?)")
+        return version
+
+    def _check(self, conn: sqlite3.Connection) -> None:
+        version = self._version(conn)
+        problems = [r[0] for r in conn.execute("PRAGMA quick_check(5)")]  # reads every page: O(size)
+        if problems != ["ok"]:
+            raise _CorruptFile("quick_check: " + "; ".join(problems))
+        columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
+        if (version or columns) and columns != _COLUMNS:
+            raise _CorruptFile(f"unusable schema: outbox table has columns {sorted(columns)}")
+
+    def _prepare(self, conn: sqlite3.Connection) -> None:
+        version = self._version(conn)
+        mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+        if mode != "wal":
+            raise OutboxError(f"outbox {self._path}: the filesystem does not support WAL (got {mode!r})")
+        conn.execute("PRAGMA synchronous=FULL")  # a commit that returned survives power loss
+        if version == 0:  # a new file; later versions would migrate step by step from here
+            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+        self._count, self._bytes = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        # sqlite_sequence keeps the high-water mark even when every row has been deleted.
+        row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        self._max_seq = row[0] if row else 0
+
+    def _classify(self, e: sqlite3.Error) -> Exception:
+        code = (getattr(e, "sqlite_errorcode", None) or 0) & 0xFF  # primary code, extended bits dropped
+        if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+            return TransientError(f"outbox {self._path}: {e}")
+        if code in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+            return _CorruptFile(str(e))
+        return OutboxError(f"cannot open outbox {self._path}: {e}")
+
+    def _quarantine(self, reason: str) -> None:
+        """Rename the file and its -wal/-shm siblings aside (kept for forensics) and log loudly."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        k, base = 0, self._path.with_name(f"{self._path.name}.corrupt-{stamp}")
+        while any(Path(f"{base}{s}").exists() for s in _SIBLINGS):  # never rename over an earlier one
+            k += 1
+            base = self._path.with_name(f"{self._path.name}.corrupt-{stamp}-{k}")
+        # Siblings keep SQLite's naming (<db>-wal) so the moved set still opens together.
+        for suffix in _SIBLINGS:
+            src = Path(f"{self._path}{suffix}")
+            if src.exists():
+                try:
+                    src.rename(f"{base}{suffix}")
+                except OSError as e:
+                    msg = f"outbox {src} is corrupt ({reason}) and cannot be moved aside: {e.strerror}"
+                    raise OutboxError(msg) from e
+        self._corrupt_files += 1
+        log.error("outbox.corrupt", path=str(self._path), moved_to=str(base), reason=reason)

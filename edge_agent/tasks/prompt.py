@@ -1,0 +1,150 @@
+"""The generator task's prompt: chat format, system turn, worked example, and its tokens (Prompter).
+
+Prompt (ChatML or another known chat format, read from tokenizer_config.json's chat_template): a system turn
+(instruction + the fields and their descriptions), ONE worked example (a user turn with a maintenance note,
+an assistant turn with its JSON), then the note. Everything up to the note is the same for every message:
+it is passed as `static_prompt`, which CTranslate2 forwards once and caches (2-3x more notes/s). The
+example's values are spans of one fixed, realistic note (`EXAMPLE_NOTE`); a configured field gets the
+example value whose keywords appear in its name (then its description), or "" when none fits (which also
+shows the model that "" is how to say "not mentioned").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import tokenizers
+
+from ..errors import ModelError
+
+SYSTEM = (
+    'Extract fields from the maintenance note. Copy each value exactly from the note. If the note does not say, '
+    'write "".\nFields:\n'
+)
+EXAMPLE_NOTE = "Line 2 pump P-204 tripped on E-042, high vibration 7.1 mm/s from misalignment; replaced bearing, 2.5 h"
+# (keywords, value) rows for the worked example's values (see example_values). Each value is a span of
+# EXAMPLE_NOTE.
+EXAMPLE_VALUES: tuple[tuple[tuple[str, ...], str], ...] = (
+    (("asset", "equipment", "machine", "component", "device", "object", "unit", "tag"), "pump P-204"),
+    (("symptom", "problem", "fault", "failure", "issue", "state", "condition", "defect", "wrong"), "high vibration"),
+    (("action", "activity", "work", "repair", "fix", "task", "done", "doing", "remedy"), "replaced bearing"),
+    (("cause", "reason", "root", "why"), "misalignment"),
+    (("alarm", "code", "error", "trip"), "E-042"),
+    (("part", "spare", "spares"), "bearing"),
+    (("location", "area", "line", "site", "where", "position"), "Line 2"),
+    (("measurement", "value", "reading", "vibration", "measured"), "7.1 mm/s"),
+    (("duration", "downtime", "hours", "time", "long"), "2.5 h"),
+)
+MAX_NOTE_TOKENS = 512  # a longer note is cut for the model (grounding still searches all of it)
+
+# Chat formats by a marker of their chat_template: (system turn, user turn, assistant start, assistant end).
+# A format without a system role gets the system text at the top of the first user turn.
+CHAT_FORMATS: dict[str, tuple[str | None, str, str, str]] = {
+    "<|im_start|>": ("<|im_start|>system\n{}<|im_end|>\n", "<|im_start|>user\n{}<|im_end|>\n",
+                     "<|im_start|>assistant\n", "<|im_end|>\n"),  # ChatML: SmolLM2, Qwen2
+    "<|start_header_id|>": ("<|start_header_id|>system<|end_header_id|>\n\n{}<|eot_id|>",
+                            "<|start_header_id|>user<|end_header_id|>\n\n{}<|eot_id|>",
+                            "<|start_header_id|>assistant<|end_header_id|>\n\n", "<|eot_id|>"),  # Llama 3
+    "<|assistant|>": ("<|system|>\n{}<|end|>\n", "<|user|>\n{}<|end|>\n", "<|assistant|>\n", "<|end|>\n"),  # Phi-3
+    "<start_of_turn>": (None, "<start_of_turn>user\n{}<end_of_turn>\n", "<start_of_turn>model\n",
+                        "<end_of_turn>\n"),  # Gemma
+}
+
+
+# ---------------------------------------------------------------- prompt
+
+def example_values(fields: dict[str, str]) -> dict[str, str]:
+    """The worked example's value for each field: the first EXAMPLE_VALUES row holding a word of the field's
+    name, last word first ("fault_code" is a code), else a word of its description; else ""."""
+    out = {}
+    for name, description in fields.items():
+        words = [*reversed(name.split("_")), *re.findall(r"[a-z]+", description.lower())]
+        out[name] = next((v for w in words for keys, v in EXAMPLE_VALUES if w in keys), "")
+    return out
+
+
+def chat_format(model_dir: Path) -> tuple[str | None, str, str, str]:
+    try:
+        cfg = json.loads((model_dir / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelError(f"{model_dir}: cannot read tokenizer_config.json for the chat template: {e}") from e
+    template = cfg.get("chat_template") or ""
+    if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+        template = next((t.get("template", "") for t in template if t.get("name") == "default"), "")
+    for marker, fmt in CHAT_FORMATS.items():
+        if marker in template:
+            return fmt
+    raise ModelError(f"{model_dir}: unknown chat template (supported: ChatML, Llama 3, Phi-3, Gemma); "
+                     "the generator task needs an instruction-tuned model with one of these")
+
+
+def _key(name: str, first: bool) -> str:
+    return ('{"' if first else '", "') + name + '": "'
+
+
+# ---------------------------------------------------------------- prompt tokens
+
+class Prompter:
+    """The tokens of the prompt and of the forced skeleton for one model and one set of fields. Needs only
+    the tokenizer files, so that benchmarks can hand a peer exactly the same prompts."""
+
+    def __init__(self, model_dir: Path, fields: dict[str, str]) -> None:
+        system_turn, user_turn, assistant_start, assistant_end = chat_format(model_dir)
+        self.fields = dict(fields)
+        self.tokenizer = tokenizers.Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
+        system = SYSTEM + "".join(f"- {k}: {v}\n" for k, v in self.fields.items())
+        example = json.dumps(example_values(self.fields))
+        if system_turn is None:
+            static = user_turn.format(system + "\n" + EXAMPLE_NOTE)
+        else:
+            static = system_turn.format(system) + user_turn.format(EXAMPLE_NOTE)
+        static += assistant_start + example + assistant_end
+        head, _, turn_end = user_turn.partition("{}")
+        self.turn_end = turn_end + assistant_start
+        # The static part is encoded with the tokenizer's specials (a BOS where the model wants one).
+        self.static = self.tokenizer.encode(static + head, add_special_tokens=True).tokens
+        self.specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
+        self.keys = [_key(k, i == 0) for i, k in enumerate(self.fields)]
+        self.filler = (self.encode(" ") or self.encode("\n"))[0]
+        self.vocab = vocab = self.tokenizer.get_vocab()
+        pieces = self.tokenizer.decode_batch([[i] for i in range(self.tokenizer.get_vocab_size())],
+                                             skip_special_tokens=False)
+        self.quote_ids = frozenset(i for i, piece in enumerate(pieces) if '"' in piece)
+        ends = (assistant_end.strip(), "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
+        self.eos_ids = frozenset(vocab[t] for t in ends if t in vocab)
+
+    def encode(self, text: str) -> list[str]:
+        return self.tokenizer.encode(text, add_special_tokens=False).tokens
+
+    def token(self, token_id: int) -> str:
+        return self.tokenizer.id_to_token(token_id) or ""
+
+    def tail(self, text: str) -> list[str]:
+        """The note's own part of the prompt, up to the first value. A special token written in the note
+        (`<|im_end|>`...) is broken up so that a note cannot end its turn or forge another one."""
+        for special in self.specials:
+            if special in text:
+                text = text.replace(special, special[0] + " " + special[1:])
+        return self.encode(text)[:MAX_NOTE_TOKENS] + self.encode(self.turn_end + self.keys[0])
+
+    def prompt(self, text: str, pad_multiple: int = 1) -> list[str]:
+        """The whole prompt of the first field, static part included (tests; peers that must see the same)."""
+        return self.static + self.pad(self.tail(text), pad_multiple)
+
+    def pad(self, tail: list[str], multiple: int) -> list[str]:
+        """The tail left-padded with white space tokens (after the user turn's header, before the note) to a
+        multiple of `multiple` tokens."""
+        return [self.filler] * (-len(tail) % multiple) + tail
+
+    def cut(self, ids: list[int]) -> tuple[int, str]:
+        """Where a generated value ends: (tokens kept, text of the stop token before its quote)."""
+        if ids and ids[-1] in self.quote_ids:
+            return len(ids) - 1, self.tokenizer.decode(ids[-1:], skip_special_tokens=False).split('"', 1)[0]
+        if ids and ids[-1] in self.eos_ids:
+            return len(ids) - 1, ""
+        return len(ids), ""
+
