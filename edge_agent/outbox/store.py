@@ -12,11 +12,12 @@ single connection keeps ``last_insert_rowid()`` and transactions unambiguous.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -78,6 +79,30 @@ def split_retain(stored: str) -> tuple[str, bool]:
     return (stored[1:], True) if stored.startswith(_RETAIN) else (stored, False)
 
 
+def _sync_dir_names(directory: Path) -> None:
+    """fsync the outbox's directory and every directory above it, up to its filesystem's mount point.
+
+    POSIX makes a new name durable only when the directory holding it is fsynced. SQLite syncs the
+    outbox's own directory when it creates the -wal, but nothing synced the directories above it: on a
+    fresh gateway, where the daemon (or OutboxLock) has just made the outbox directory, a power cut
+    could take the whole directory, committed and acked rows included (tests/power found exactly that:
+    every row committed before the first cut gone). Before the first commit, then, the path down to the
+    outbox is made durable: a few fsyncs, once per open. A filesystem that cannot fsync a directory
+    (EINVAL on some) or a level we may not open is skipped: this is a best effort on top of SQLite's own.
+    """
+    d = directory.resolve()
+    while True:
+        with suppress(OSError):
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if d == d.parent or os.path.ismount(d):
+            return
+        d = d.parent
+
+
 @dataclass(frozen=True, slots=True)
 class Record:
     seq: int
@@ -134,6 +159,7 @@ class Outbox:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
                 raise OutboxError(f"cannot create outbox directory {self._path.parent}: {e.strerror}") from e
+            _sync_dir_names(self._path.parent)
             retrying = tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientError),
                 stop=tenacity.stop_after_attempt(OPEN_ATTEMPTS),
