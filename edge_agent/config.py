@@ -150,7 +150,12 @@ class SinkConfig(BrokerConfig):
 
 class OutboxConfig(_Frozen):
     path: Path = Path("/var/lib/edge-agent/outbox.db")
-    max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024, description="oldest rows dropped beyond this")
+    max_bytes: int = Field(512 * 1024 * 1024, ge=64 * 1024, description="oldest results dropped beyond this")
+    dead_letter_max_bytes: int = Field(
+        64 * 1024 * 1024, ge=64 * 1024,
+        description="dead letters' own bound, beside max_bytes: beyond it the oldest dead letters are dropped, "
+        "never a result (a flood of bad input cannot evict good results)",
+    )
     max_age_s: float = Field(30 * 24 * 3600, gt=0, description="rows older than this are dropped")
 
 

@@ -139,6 +139,7 @@ class _StateCollector(Collector):
                                       labels=["reason"])
         dropped.add_metric(["max_bytes"], s.dropped_max_bytes)
         dropped.add_metric(["max_age"], s.dropped_max_age)
+        dropped.add_metric(["dead_letter_max_bytes"], s.dropped_dead_letter_max_bytes)
         yield dropped
         yield CounterMetricFamily("edge_agent_outbox_corrupt_files", "Corrupt outbox files moved aside at open",
                                   value=s.corrupt_files)

@@ -26,8 +26,8 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -89,6 +89,16 @@ class _Failed:
 
     kind: DeadLetterKind
     reason: str
+
+
+@dataclass(slots=True)
+class _Made:
+    """What one batch has made so far: rows to commit, and what became of each message."""
+
+    rows: list[Row] = field(default_factory=list)  # results
+    dead: list[Row] = field(default_factory=list)  # dead letters: their own bound in the outbox
+    outcomes: list[Outcome] = field(default_factory=list)
+    routes_in: Counter[str] = field(default_factory=Counter)  # (message, route) pairs taken, per route filter
 
 
 class _Abandoned(Exception):
@@ -161,48 +171,46 @@ class Pipeline:
 
     # -- one batch: admit → run the routes' tasks → commit → ack → report ------------------------------
     def process(self, batch: list[Inbound]) -> None:
-        rows: list[Row] = []
-        outcomes: list[Outcome] = []
+        made = _Made()
         by_route: dict[int, list[_Pending]] = defaultdict(list)
-        routes_in: Counter[str] = Counter()  # (message, route) pairs taken, per route filter
         for item in batch:
-            for route, pendings in self._admit_message(item, rows, outcomes, routes_in):
+            for route, pendings in self._admit_message(item, made):
                 by_route[id(route)].extend(pendings)
         for pendings in by_route.values():
-            self._run_route(pendings, rows, outcomes)
-        self._commit(batch, rows)
+            self._run_route(pendings, made)
+        self._commit(batch, made)
         try:
-            self._report(routes_in, outcomes)
+            self._report(made)
         except Exception:  # committed and acked: a failure to log must never make us process it again
             log.exception("pipeline.report_failed", size=len(batch))
 
-    def _admit_message(self, item: Inbound, rows: list[Row], outcomes: list[Outcome], routes_in: Counter[str]):
-        """(route, pendings) for each route of one message; dead letters and "ignored" go to rows/outcomes."""
+    def _admit_message(self, item: Inbound, made: _Made) -> Iterator[tuple[RouteConfig, list[_Pending]]]:
+        """(route, pendings) for each route of one message; its dead letters and "ignored" go to `made`."""
         try:
             routes: list[RouteConfig | None] = list(self._routes_for(item.topic)) or [None]
         except Exception as e:  # a topic the matcher chokes on: still this message's problem only
             log.exception("pipeline.message_failed", topic=item.topic, stage="route")
-            routes_in[""] += 1
-            rows.append(self._dead_letter(item, None, DeadLetterKind.INTERNAL, describe(e), outcomes))
+            made.routes_in[""] += 1
+            self._dead_letter(made, item, None, DeadLetterKind.INTERNAL, describe(e))
             return
         for route in routes:
-            routes_in[route.topic if route is not None else ""] += 1
+            made.routes_in[route.topic if route is not None else ""] += 1
             try:
                 pendings = self._admit(item, route)
             except DecodeError as e:
-                rows.append(self._dead_letter(item, route, e.kind, e.reason, outcomes))
+                self._dead_letter(made, item, route, e.kind, e.reason)
                 continue
             except Exception as e:
                 log.exception("pipeline.message_failed", topic=item.topic, stage="decode")
-                rows.append(self._dead_letter(item, route, DeadLetterKind.INTERNAL, describe(e), outcomes))
+                self._dead_letter(made, item, route, DeadLetterKind.INTERNAL, describe(e))
                 continue
             if pendings:
                 yield route, pendings
             else:
                 self.ignored += 1
-                outcomes.append(Outcome(item.topic, item.received_at, "ignored", route.topic if route else ""))
+                made.outcomes.append(Outcome(item.topic, item.received_at, "ignored", route.topic if route else ""))
 
-    def _run_route(self, pendings: list[_Pending], rows: list[Row], outcomes: list[Outcome]) -> None:
+    def _run_route(self, pendings: list[_Pending], made: _Made) -> None:
         """Run a route's tasks over its notes, in order; a note a task fails on leaves the route as a dead
         letter (the tasks after it do not see it). Then one result row (or rows, UNS) per note."""
         route = pendings[0].route
@@ -217,7 +225,7 @@ class Pipeline:
             for i, value in zip(live, out, strict=True):
                 if isinstance(value, _Failed):
                     p = pendings[i]
-                    rows.append(self._dead_letter(p.item, route, value.kind, value.reason, outcomes, p.note.input_id))
+                    self._dead_letter(made, p.item, route, value.kind, value.reason, p.note.input_id)
                 else:
                     results[i][name] = _bounded(value, self._limits.max_items)
                     kept.append(i)
@@ -227,20 +235,19 @@ class Pipeline:
         for i in live:
             p = pendings[i]
             try:
-                made = self._result_rows(p, results[i], now)
+                rows = self._result_rows(p, results[i], now)
             except Exception as e:  # a task returned NaN, a non-JSON type, or text that cannot be encoded
                 log.error("task.bad_output", result_id=p.rid, error=describe(e))
                 kind = DeadLetterKind.BAD_OUTPUT if isinstance(e, TypeError | ValueError) else DeadLetterKind.INTERNAL
-                rows.append(self._dead_letter(p.item, route, kind, describe(e), outcomes, p.note.input_id))
+                self._dead_letter(made, p.item, route, kind, describe(e), p.note.input_id)
                 continue
-            size = len(made[0][2])
+            size = len(rows[0][2])
             if size > self._limits.max_result_bytes:
                 reason = f"result of {size} bytes, pipeline.max_result_bytes is {self._limits.max_result_bytes}"
-                rows.append(self._dead_letter(p.item, route, DeadLetterKind.RESULT_TOO_LARGE, reason, outcomes,
-                                              p.note.input_id))
+                self._dead_letter(made, p.item, route, DeadLetterKind.RESULT_TOO_LARGE, reason, p.note.input_id)
                 continue
-            rows.extend(made)
-            outcomes.append(Outcome(p.item.topic, p.item.received_at, "ok", route.topic, p.note.input_id, p.rid))
+            made.rows.extend(rows)
+            made.outcomes.append(Outcome(p.item.topic, p.item.received_at, "ok", route.topic, p.note.input_id, p.rid))
 
     def _result_rows(self, p: _Pending, results: dict[str, Any], now: float) -> list[Row]:
         gw = self._cfg.gateway_id
@@ -267,23 +274,23 @@ class Pipeline:
         if self._stopping.is_set():
             raise _Abandoned
 
-    def _commit(self, batch: list[Inbound], rows: list[Row]) -> None:
+    def _commit(self, batch: list[Inbound], made: _Made) -> None:
         """Durable (synchronous=FULL) before any ack leaves. Under the commit lock, so that once stop()
         has set _stopping no commit starts, and the one in progress has finished."""
         with self._commit_lock:
             self._check_stop()
-            if rows:
-                self._outbox.put_many(rows)
+            if made.rows or made.dead:
+                self._outbox.put_many(made.rows, dead=made.dead)
             for item in batch:
                 self._ack(item)
         self._on_commit()
         self.processed += len(batch)
         self.heartbeat()
 
-    def _report(self, routes_in: Counter[str], outcomes: list[Outcome]) -> None:
+    def _report(self, made: _Made) -> None:
         now = time.time()
         latencies = []
-        for o in outcomes:
+        for o in made.outcomes:
             latency = now - o.received_at
             latencies.append(latency)
             line: dict[str, Any] = {"topic": o.topic, "input_id": o.input_id, "outcome": o.outcome}
@@ -293,7 +300,7 @@ class Pipeline:
                 line["kind"], line["reason"] = str(o.kind), o.reason
             log.info("message", latency_ms=round(latency * 1000, 2), **line)
         if self._metrics is not None:
-            self._metrics.batch_done(routes_in, outcomes, latencies)
+            self._metrics.batch_done(made.routes_in, made.outcomes, latencies)
 
     def _latest(self, template: str, p: _Pending, results: dict, payload: bytes) -> list[tuple[str, str, bytes]]:
         """The retained "latest result for this asset" copy (UNS); none when no task found an asset."""
@@ -334,20 +341,20 @@ class Pipeline:
             for text, input_id in decoded
         ]
 
-    def _dead_letter(self, item: Inbound, route: RouteConfig | None, kind: DeadLetterKind, reason: str,
-                     outcomes: list[Outcome], input_id: str | None = None) -> Row:
+    def _dead_letter(self, made: _Made, item: Inbound, route: RouteConfig | None, kind: DeadLetterKind, reason: str,
+                     input_id: str | None = None) -> None:
         """The outbox row for a message (or one note of it) that cannot be processed. Nothing is lost."""
         gw, topic = self._cfg.gateway_id, self._cfg.dead_letter_topic
         rid = result_id(gw, item.topic, topic, input_id, item.payload)
         payload = deadletter_payload(rid=rid, topic=item.topic, received_at=item.received_at, kind=kind,
                                      reason=reason, payload=item.payload, gateway=gw,
                                      keep_bytes=self._limits.dead_letter_payload_bytes)
-        outcomes.append(Outcome(item.topic, item.received_at, "deadletter", route.topic if route else "", input_id,
-                                rid, kind, reason))
+        made.dead.append((rid, topic, payload))
+        made.outcomes.append(Outcome(item.topic, item.received_at, "deadletter", route.topic if route else "",
+                                     input_id, rid, kind, reason))
         self.dead_lettered += 1
         if kind is DeadLetterKind.RATE_LIMITED and route is not None:
             self.over_limit[route.topic] += 1
-        return rid, topic, payload
 
     def _run_task(self, name: str, notes: list[Note]) -> list[Any]:
         """One output per note: the task's dict, or _Failed for a note the task raises on even alone.

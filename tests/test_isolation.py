@@ -86,9 +86,11 @@ class Rig:
         '[[routes]]\ntopic = "p/#"\nid_field = "id"\ntasks = ["patterns"]\n'
     )
 
-    def __init__(self, root: Path, tasks: dict | None = None, routes: str = ROUTES, pipeline: str = "") -> None:
+    def __init__(self, root: Path, tasks: dict | None = None, routes: str = ROUTES, pipeline: str = "",
+                 outbox: str = "") -> None:
         p = root / "c.toml"
-        p.write_text(f'[outbox]\npath = "{root / "o.db"}"\n[pipeline]\nmax_json_depth = 16\n{pipeline}\n{routes}')
+        p.write_text(f'[outbox]\npath = "{root / "o.db"}"\n{outbox}\n[pipeline]\nmax_json_depth = 16\n{pipeline}\n'
+                     f"{routes}")
         self.cfg = config.load(p, environ={})
         self.outbox = Outbox(self.cfg.outbox).open()
         self.acked: list[int] = []
@@ -346,6 +348,27 @@ def test_a_dead_letter_keeps_a_bounded_prefix_with_length_and_sha256(rig: Rig) -
     assert max(len(r.payload) for r in rows) < 12 * 1024  # a 12 MiB message makes a row of ~11 KiB
     small = by_kind(rig.run([inbound("p/x", b'{"text": 1}', 3)]))[1][0]
     assert "truncated" not in small and base64.b64decode(small["payload_b64"]) == b'{"text": 1}'
+
+
+def test_a_flood_of_rate_limited_messages_evicts_no_waiting_result(tmp_path: Path) -> None:
+    """Before: 300 rate-limited 32 KiB messages evicted all 1,000 results waiting for the uplink of another
+    route. Dead letters have their own bound (outbox.dead_letter_max_bytes) and evict only each other."""
+    routes = ('[[routes]]\ntopic = "a/#"\ntasks = ["patterns"]\n'
+              '[[routes]]\ntopic = "b/#"\ntasks = ["patterns"]\nrate_limit = 1\nrate_burst = 1\n')
+    rig = Rig(tmp_path, routes=routes, outbox="max_bytes = 1048576\ndead_letter_max_bytes = 524288")
+    try:
+        for k in range(10):  # 1,000 results wait (nobody accepts them: the uplink is down)
+            rig.pipeline.process([inbound("a/x", b"P-%03d at 4 bar" % (100 * k + i), i + 1) for i in range(100)])
+        for _ in range(10):
+            rig.pipeline.process([inbound("b/x", b"x" * 32 * 1024, i + 1) for i in range(30)])
+        s = rig.outbox.stats()
+    finally:
+        rig.close()
+    # Every waiting result kept (and the one b/ message within its burst), though the dead letters' bytes were
+    # several times their bound.
+    assert s.count - s.dead_letters == 1000 + 1 and s.dropped_max_bytes == 0
+    assert rig.pipeline.over_limit["b/#"] >= 290
+    assert s.dead_letter_bytes <= 524288 and s.dropped_dead_letter_max_bytes == 300 - 1 - s.dead_letters
 
 
 def test_results_are_bounded_per_list_and_in_size(tmp_path: Path) -> None:

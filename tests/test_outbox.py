@@ -279,10 +279,10 @@ def test_unusable_schema_is_moved_aside(tmp_path: Path) -> None:
 def test_newer_schema_version_is_refused_and_left_alone(tmp_path: Path) -> None:
     path = tmp_path / "outbox.db"
     with sqlite3.connect(path) as raw:
-        raw.execute("PRAGMA user_version = 2")
+        raw.execute("PRAGMA user_version = 3")
     raw.close()
     before = path.read_bytes()
-    with pytest.raises(OutboxError, match="schema version 2"):
+    with pytest.raises(OutboxError, match="schema version 3"):
         make(tmp_path).open()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["outbox.db"]
     assert path.read_bytes() == before
@@ -535,3 +535,47 @@ def test_outbox_lock_is_exclusive_and_released(tmp_path: Path) -> None:
     with OutboxLock(db), pytest.raises(OutboxError, match=r"in use by a running edge-agent \(pid \d+\)"):
         OutboxLock(db).acquire()
     OutboxLock(db).acquire().release()  # free again once released
+
+
+def test_dead_letters_have_their_own_bound_and_never_evict_results(tmp_path: Path) -> None:
+    """Before, one 12 MB dead letter evicted 621 of 2,000 waiting results, and 300 rate-limited messages all
+    1,000 of another route's: dead letters now evict only older dead letters."""
+    with make(tmp_path, max_bytes=MIN_BYTES * 4, dead_letter_max_bytes=MIN_BYTES) as ob, capture_logs() as logs:
+        ob.put_many([row(i, 1000) for i in range(200)])  # ~200 KB of results, under max_bytes
+        for k in range(30):  # a flood of bad input: 30 x 10 dead letters of 1 KB, 5x their bound
+            ob.put_many([], dead=[row(1000 + 10 * k + j, 1000, "edge/deadletter") for j in range(10)])
+        s = ob.stats()
+        assert s.count - s.dead_letters == 200  # every result still there
+        assert s.dead_letter_bytes <= MIN_BYTES and s.dead_letters >= 60
+        assert s.dropped == s.dropped_dead_letter_max_bytes == 300 - s.dead_letters and s.dropped_max_bytes == 0
+        kept = ob.batch(1000)
+        dead_ids = [r.id for r in kept if r.topic == "edge/deadletter"]
+        assert dead_ids == [f"id-{i}" for i in range(1300 - s.dead_letters, 1300)]  # the newest ones
+        # Results past their own bound drop the oldest results, never a dead letter.
+        ob.put_many([row(2000 + i, 1000) for i in range(100)])
+        s2 = ob.stats()
+        assert s2.dead_letters == s.dead_letters and s2.dropped_max_bytes > 0
+        assert ob.batch(1)[0].id != "id-0"
+    assert {e["reason"] for e in logs if e["event"] == "outbox.dropped"} == {"dead_letter_max_bytes", "max_bytes"}
+    with make(tmp_path) as ob:  # the split survives a reopen
+        assert (ob.stats().dead_letters, ob.stats().dead_letter_bytes) == (s2.dead_letters, s2.dead_letter_bytes)
+
+
+def test_a_version_1_outbox_is_migrated_with_its_rows(tmp_path: Path) -> None:
+    path = tmp_path / "outbox.db"
+    with sqlite3.connect(path) as raw:
+        raw.executescript(
+            "CREATE TABLE outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT NOT NULL, topic TEXT NOT NULL,"
+            " size INTEGER NOT NULL, created_at REAL NOT NULL, payload BLOB NOT NULL);"
+            "CREATE INDEX outbox_created_at ON outbox (created_at); PRAGMA user_version = 1;"
+        )
+        raw.execute("INSERT INTO outbox (id, topic, size, created_at, payload) VALUES ('a', 't', 5, 1.0, x'0102')")
+    raw.close()
+    with make(tmp_path) as ob:
+        assert [r.id for r in ob.batch(10)] == ["a"]
+        assert (ob.stats().count, ob.stats().dead_letters) == (1, 0)
+        ob.put_many([], dead=[row(2, 100, "edge/deadletter")])
+        assert ob.stats().dead_letters == 1
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
+    raw.close()

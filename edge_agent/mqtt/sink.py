@@ -160,7 +160,7 @@ class Sink:
         log.error("sink.result_too_large", id=rec.id, topic=topic, bytes=size, max_packet_bytes=limit,
                   dead_letter=rid, hint="raise the uplink broker's max_packet_size, or lower pipeline.max_result_bytes")
         if packet_bytes(self._dead_letter_topic, dead, self._v5) <= (limit or 0):
-            self._outbox.put_many([(rid, self._dead_letter_topic, dead)])
+            self._outbox.put_many([], dead=[(rid, self._dead_letter_topic, dead)])
         else:
             log.error("sink.dead_letter_too_large", id=rec.id, max_packet_bytes=limit, hint="the row is dropped")
         self._outbox.accept([rec.seq])

@@ -31,10 +31,11 @@ from ..errors import OutboxError, TransientError
 
 log = structlog.get_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # Payload last: SQLite reads columns in order, so seq/size/created_at stay cheap to read even if a big
 # payload spills onto overflow pages. The created_at index makes expire() and oldest_created_at
-# O(log n) instead of a scan of the whole (possibly 512 MB) table.
+# O(log n) instead of a scan of the whole (possibly 512 MB) table. `dead` marks a dead letter: dead
+# letters have their own byte bound and evict only each other, found through a small partial index.
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -42,11 +43,19 @@ CREATE TABLE IF NOT EXISTS outbox (
     topic      TEXT NOT NULL,
     size       INTEGER NOT NULL,
     created_at REAL NOT NULL,
+    dead       INTEGER NOT NULL DEFAULT 0,
     payload    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
 """
-_COLUMNS = {"seq", "id", "topic", "size", "created_at", "payload"}
+# Version 1 had no `dead` column; opening one adds it (at the end: SQLite's ALTER TABLE cannot insert it).
+_MIGRATE_1_TO_2 = """
+ALTER TABLE outbox ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
+"""
+_COLUMNS = {1: {"seq", "id", "topic", "size", "created_at", "payload"},
+            2: {"seq", "id", "topic", "size", "created_at", "dead", "payload"}}
 _MAX_SEQ = 2**63 - 1
 _SIBLINGS = ("", "-wal", "-shm")
 _CHUNK = 500  # host parameters per IN (...) list; old SQLite builds cap them at 999
@@ -130,6 +139,9 @@ class OutboxStats:
     path: Path
     dropped_max_bytes: int = 0  # the split of `dropped` by the bound that dropped them
     dropped_max_age: int = 0
+    dropped_dead_letter_max_bytes: int = 0
+    dead_letters: int = 0  # dead-letter rows among `count`, and their bytes among `bytes`
+    dead_letter_bytes: int = 0
 
 
 class _CorruptFile(Exception):
@@ -144,9 +156,9 @@ class Outbox:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         # Kept in memory so that the bound check in put_many costs nothing; recomputed at open().
-        self._count = self._bytes = self._max_seq = 0
+        self._count = self._bytes = self._max_seq = self._dead = self._dead_bytes = 0
         self._added = self._accepted = self._dropped = self._corrupt_files = 0
-        self._dropped_bytes = self._dropped_age = 0
+        self._dropped_bytes = self._dropped_age = self._dropped_dead = 0
         self._clock_unset_logged = False
 
     def open(self) -> Outbox:
@@ -154,7 +166,7 @@ class Outbox:
             if self._conn is not None:
                 return self
             self._added = self._accepted = self._dropped = self._corrupt_files = 0
-            self._dropped_bytes = self._dropped_age = 0
+            self._dropped_bytes = self._dropped_age = self._dropped_dead = 0
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
@@ -186,33 +198,48 @@ class Outbox:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def put_many(self, rows: Sequence[tuple[str, str, bytes]]) -> int:
-        """Append (id, topic, payload) rows in ONE transaction; return the last seq assigned.
+    def put_many(self, rows: Sequence[tuple[str, str, bytes]], dead: Sequence[tuple[str, str, bytes]] = ()) -> int:
+        """Append (id, topic, payload) results and dead letters in ONE transaction; return the last seq assigned.
 
         The caller may ack the inbound messages as soon as this returns: the rows are on disk
-        (WAL + synchronous=FULL). One commit per batch is what makes this fast. With no rows,
-        nothing is written and the current max_seq is returned.
+        (WAL + synchronous=FULL). One commit per batch is what makes this fast. Beyond `max_bytes` the
+        oldest results are dropped, beyond `dead_letter_max_bytes` the oldest dead letters: a flood of bad
+        input never evicts a result. With no rows, nothing is written and the current max_seq is returned.
         """
-        if not rows:
+        if not rows and not dead:
             return self.max_seq()
         now = self._clock()
-        params = [(rid, topic, len(payload) + len(topic.encode()), now, payload) for rid, topic, payload in rows]
-        added_bytes = sum(p[2] for p in params)
+        params = [(rid, topic, len(payload) + len(topic.encode()), now, 0, payload) for rid, topic, payload in rows]
+        params += [(rid, topic, len(payload) + len(topic.encode()), now, 1, payload) for rid, topic, payload in dead]
+        added_dead = sum(p[2] for p in params[len(rows):])
+        added_results = sum(p[2] for p in params[: len(rows)])
         with self._lock:
             conn = self._require_open()
+            results_bytes = self._bytes - self._dead_bytes
             with self._transaction(conn, "append"):
-                conn.executemany("INSERT INTO outbox (id, topic, size, created_at, payload) VALUES (?,?,?,?,?)", params)
+                conn.executemany(
+                    "INSERT INTO outbox (id, topic, size, created_at, dead, payload) VALUES (?,?,?,?,?,?)", params
+                )
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-                dropped, freed = self._trim_oldest(conn, self._bytes + added_bytes - self._cfg.max_bytes)
+                dropped, freed = self._trim_oldest(conn, results_bytes + added_results - self._cfg.max_bytes, dead=0)
+                dropped_dead, freed_dead = self._trim_oldest(
+                    conn, self._dead_bytes + added_dead - self._cfg.dead_letter_max_bytes, dead=1
+                )
             # Committed: only now may the in-memory view move, so a failed commit leaves it exact.
-            self._count += len(params) - dropped
-            self._bytes += added_bytes - freed
+            self._count += len(params) - dropped - dropped_dead
+            self._bytes += added_results + added_dead - freed - freed_dead
+            self._dead += len(dead) - dropped_dead
+            self._dead_bytes += added_dead - freed_dead
             self._added += len(params)
-            self._dropped += dropped
+            self._dropped += dropped + dropped_dead
             self._dropped_bytes += dropped
+            self._dropped_dead += dropped_dead
             self._max_seq = last
         if dropped:
             log.warning("outbox.dropped", count=dropped, reason="max_bytes", max_bytes=self._cfg.max_bytes)
+        if dropped_dead:
+            log.warning("outbox.dropped", count=dropped_dead, reason="dead_letter_max_bytes",
+                        dead_letter_max_bytes=self._cfg.dead_letter_max_bytes)
         return last
 
     def expire(self) -> int:
@@ -237,12 +264,15 @@ class Outbox:
                 restamped = conn.execute(
                     "UPDATE outbox SET created_at = ? WHERE created_at < ?", (now, PLAUSIBLE_AFTER)
                 ).rowcount
-                n, freed = conn.execute(
-                    "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE created_at < ?", (cutoff,)
+                n, freed, n_dead, freed_dead = conn.execute(
+                    "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0), COALESCE(SUM(size * dead), 0) "
+                    "FROM outbox WHERE created_at < ?", (cutoff,)
                 ).fetchone()
                 conn.execute("DELETE FROM outbox WHERE created_at < ?", (cutoff,))
             self._count -= n
             self._bytes -= freed
+            self._dead -= n_dead
+            self._dead_bytes -= freed_dead
             self._dropped += n
             self._dropped_age += n
         if restamped:
@@ -269,7 +299,7 @@ class Outbox:
         wanted = sorted(set(seqs))
         if not wanted:
             return 0
-        n = freed = 0
+        n = freed = n_dead = freed_dead = 0
         with self._lock:
             conn = self._require_open()
             # A delete need not reach the disk before we go on: the next FULL commit syncs the WAL up to
@@ -280,16 +310,19 @@ class Outbox:
                     for i in range(0, len(wanted), _CHUNK):
                         chunk = wanted[i : i + _CHUNK]
                         marks = ",".join("?" * len(chunk))
-                        c, s = conn.execute(
-                            f"SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox WHERE seq IN ({marks})", chunk
+                        c, s, cd, sd = conn.execute(
+                            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0), "
+                            f"COALESCE(SUM(size * dead), 0) FROM outbox WHERE seq IN ({marks})", chunk
                         ).fetchone()
                         if c:
                             conn.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
-                        n, freed = n + c, freed + s
+                        n, freed, n_dead, freed_dead = n + c, freed + s, n_dead + cd, freed_dead + sd
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
             self._count -= n
             self._bytes -= freed
+            self._dead -= n_dead
+            self._dead_bytes -= freed_dead
             self._accepted += n
         return n
 
@@ -303,7 +336,8 @@ class Outbox:
         with self._lock:
             oldest = self._require_open().execute("SELECT MIN(created_at) FROM outbox").fetchone()[0]
             return OutboxStats(self._count, self._bytes, oldest, self._added, self._accepted,
-                               self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age)
+                               self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age,
+                               self._dropped_dead, self._dead, self._dead_bytes)
 
     # -- internals (callers hold self._lock) -------------------------------------------------------
 
@@ -327,11 +361,14 @@ class Outbox:
             raise
 
     @staticmethod
-    def _trim_oldest(conn: sqlite3.Connection, excess: int) -> tuple[int, int]:
-        """Delete the oldest rows (by seq) until `excess` bytes are freed; return (rows, bytes)."""
+    def _trim_oldest(conn: sqlite3.Connection, excess: int, *, dead: int) -> tuple[int, int]:
+        """Delete the oldest rows of one kind (results: dead=0, dead letters: 1), by seq, until `excess`
+        bytes are freed; return (rows, bytes)."""
         n = freed = last = 0
         while freed < excess:
-            page = conn.execute("SELECT seq, size FROM outbox WHERE seq > ? ORDER BY seq LIMIT 256", (last,)).fetchall()
+            page = conn.execute(
+                "SELECT seq, size FROM outbox WHERE seq > ? AND dead = ? ORDER BY seq LIMIT 256", (last, dead)
+            ).fetchall()
             if not page:
                 break
             for seq, size in page:
@@ -339,7 +376,7 @@ class Outbox:
                 if freed >= excess:
                     break
         if n:
-            conn.execute("DELETE FROM outbox WHERE seq <= ?", (last,))
+            conn.execute("DELETE FROM outbox WHERE seq <= ? AND dead = ?", (last, dead))
         return n, freed
 
     def _connect_or_quarantine(self) -> sqlite3.Connection:
@@ -390,7 +427,7 @@ class Outbox:
         if problems != ["ok"]:
             raise _CorruptFile("quick_check: " + "; ".join(problems))
         columns = {r[1] for r in conn.execute("PRAGMA table_info(outbox)")}
-        if (version or columns) and columns != _COLUMNS:
+        if (version or columns) and columns != _COLUMNS.get(version or SCHEMA_VERSION):
             raise _CorruptFile(f"unusable schema: outbox table has columns {sorted(columns)}")
 
     def _prepare(self, conn: sqlite3.Connection) -> None:
@@ -399,9 +436,15 @@ class Outbox:
         if mode != "wal":
             raise OutboxError(f"outbox {self._path}: the filesystem does not support WAL (got {mode!r})")
         conn.execute("PRAGMA synchronous=FULL")  # a commit that returned survives power loss
-        if version == 0:  # a new file; later versions would migrate step by step from here
+        if version == 0:  # a new file
             conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
-        self._count, self._bytes = conn.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM outbox").fetchone()
+        elif version == 1:  # step by step from here, each step one transaction
+            conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;")
+            log.info("outbox.migrated", path=str(self._path), schema_from=1, schema_to=2)
+        self._count, self._bytes, self._dead, self._dead_bytes = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0), COALESCE(SUM(size * dead), 0) "
+            "FROM outbox"
+        ).fetchone()
         # sqlite_sequence keeps the high-water mark even when every row has been deleted.
         row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
         self._max_seq = row[0] if row else 0
