@@ -21,6 +21,7 @@ the rest applies. An invalid config is rejected whole, logged with field and fix
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -45,6 +46,7 @@ from .tasks.registry import build_tasks
 log = structlog.get_logger(__name__)
 
 EXPIRE_EVERY_S = 60.0
+SUBSCRIBED_KEY = "source.subscriptions"  # in the outbox file: what our persistent session may hold
 # Settings held by open connections, files and client ids: a reload keeps their running values.
 RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics")
 
@@ -82,7 +84,10 @@ class Agent:
             stack.callback(self._close_sink)
             self.tasks = build_tasks(cfg)
             stack.callback(self._close_tasks)
-            self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source")
+            before = json.loads(self.outbox.get_meta(SUBSCRIBED_KEY) or "[]")
+            self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source",
+                                 subscribed_before=before,
+                                 remember=lambda subs: self.outbox.set_meta(SUBSCRIBED_KEY, json.dumps(subs)))
             stack.callback(self.source.close)  # after the drain below: the pipeline acks through the source
             self.pipeline = Pipeline(cfg, self.tasks, self.outbox, self.source.queue, self.source.ack, self.sink.wake,
                                      metrics=self.metrics)

@@ -56,3 +56,59 @@ def test_notes_published_while_the_agent_restarts_survive_only_with_our_broker_s
         assert got == BURST
     else:  # Mosquitto kept 1,000 for the offline session (plus what was in flight) and dropped the rest
         assert got < BURST - 1000, got
+
+
+TWO_ROUTES = """
+[[routes]]
+topic = "plant/+/notes"
+id_field = "id"
+tasks = ["patterns"]
+[[routes]]
+topic = "plant/+/logs"
+tasks = ["patterns"]
+"""
+
+
+def test_a_route_removed_from_the_config_is_unsubscribed_at_the_next_start(
+    tmp_path, broker, uplink, collect, publisher, run_agent
+) -> None:
+    """The source session is persistent: before, the broker kept delivering a removed route's filter after a
+    restart, and every message on it was dead-lettered ("no route matches"), restart after restart."""
+    both = write_config(tmp_path / "both.toml", source_port=broker.port, sink_port=uplink.port,
+                        outbox=tmp_path / "o.db", routes=TWO_ROUTES)  # fmt: skip
+    one = write_config(tmp_path / "one.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+    out = collect(uplink.port, "edge/results/#")
+    dlq = collect(uplink.port, "edge/deadletter")
+    run_agent(both).stop()
+    agent = run_agent(one)
+    assert wait_for(lambda: agent.agent.source.subscribed.is_set(), 15)
+    pub = publisher(broker.port)
+    pub.publish("plant/line1/logs", b"kernel: eth0 link down")
+    pub.note("plant/line1/notes", 1)
+    assert wait_for(lambda: len(out.json()) >= 1, 20)
+    wait_for(lambda: False, 1.5)  # a log line, if the broker still delivered it, would be here by now
+    assert [r["input_id"] for r in out.json()] == ["n1"]
+    assert dlq.json() == []
+    agent.stop()
+    agent = run_agent(one)  # and it stays so at every later start
+    pub.publish("plant/line1/logs", b"kernel: eth0 link up")
+    pub.note("plant/line1/notes", 2)
+    assert wait_for(lambda: len(out.json()) >= 2, 20)
+    wait_for(lambda: False, 1.5)
+    assert dlq.json() == []
+
+
+def test_a_retained_note_is_processed_once_not_at_every_restart(
+    tmp_path, broker, uplink, collect, publisher, run_agent
+) -> None:
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+    out = collect(uplink.port, "edge/results/#")
+    pub = publisher(broker.port)
+    info = pub.client.publish("plant/line1/notes", b'{"id": "r1", "text": "P-101 seal leaking"}', qos=1, retain=True)
+    info.wait_for_publish(10)
+    for _ in range(3):  # a first start, then two restarts of a resumed session
+        agent = run_agent(cfg)
+        assert wait_for(lambda: len(out.json()) >= 1, 20)
+        wait_for(lambda: False, 1.5)  # a second copy, if the broker resent the retained note, arrives by now
+        agent.stop()
+    assert [r["input_id"] for r in out.json()] == ["r1"]

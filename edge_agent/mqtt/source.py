@@ -4,6 +4,12 @@ QoS 1, persistent session, `manual_ack=True`: an inbound message is acknowledged
 result (or dead-letter record) is committed to the outbox — the at-least-once rule. `on_message`
 never blocks: it hands the message to a bounded queue; back-pressure comes from the broker, which
 sends at most Receive Maximum unacknowledged messages (MQTT 5).
+
+A persistent session keeps its subscriptions across our restarts, so a route removed from the config
+would still be delivered (and dead-lettered, restart after restart). The filters subscribed are
+remembered (the Agent keeps them in the outbox file) and those no route has any more are unsubscribed
+on connect. On MQTT 5 every subscription uses Retain Handling 1: retained messages come only with a new
+subscription, not again on each reconnect or restart of a resumed session.
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable
 
 import paho.mqtt.client as mqtt
 import structlog
+from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..config import RouteConfig, SourceConfig
 from ..message import Inbound
@@ -23,11 +31,17 @@ log = structlog.get_logger(__name__)
 
 
 class Source:
-    def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str) -> None:
+    def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str, *,
+                 subscribed_before: Iterable[str] = (), remember: Callable[[list[str]], None] | None = None) -> None:
         self._cfg = cfg
         self._filters = sorted({r.topic for r in routes})
-        self._stale: set[str] = set()  # removed by a reload while disconnected: unsubscribe on connect
+        # Subscriptions the broker may hold for our session (as subscribed: shared ones with their $share
+        # prefix): from earlier runs (`subscribed_before`), or removed by a reload while disconnected.
+        # Those no route has are unsubscribed on connect; `remember` keeps the set across restarts.
+        self._stale: set[str] = set(subscribed_before)
+        self._remember = remember
         self.queue: queue.Queue[Inbound] = queue.Queue(maxsize=max(cfg.receive_maximum * 2, 1024))
+        self._v5 = cfg.protocol == "5"
         self._client = make_client(cfg, client_id, name="source", persistent=True, manual_ack=True)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -55,11 +69,14 @@ class Source:
             # A session from before the group was configured may still hold the plain filters: with them,
             # this member would get every message on top of its share.
             client.unsubscribe(self._filters)
-        # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
-        client.subscribe([(self._cfg.subscription(f), 1) for f in self._filters])
-        if stale := sorted(self._stale - set(self._filters)):
-            client.unsubscribe([self._cfg.subscription(f) for f in stale])  # a persistent session keeps them
+        wanted = self._subscriptions(self._filters)
+        self._keep(self._stale | set(wanted))  # before subscribing: a crash now must not forget any of them
+        if stale := sorted(self._stale - set(wanted)):
+            client.unsubscribe(stale)  # a persistent session keeps them
+            log.info("source.unsubscribed", filters=stale, why="no route has them any more")
         self._stale.clear()
+        # Re-subscribing on a resumed session is harmless, and needed when the broker lost it.
+        client.subscribe([(sub, self._options()) for sub in wanted])
         if self.connected.is_set():
             return
         self.connected.set()
@@ -76,6 +93,8 @@ class Source:
         if refused:  # an ACL, most likely: never READY, so systemd reports the failed start
             log.error("source.subscribe_refused", reasons=refused, filters=self._filters)
             return
+        if not self._stale:  # nothing removed meanwhile that the broker may still hold
+            self._keep(set(self._subscriptions(self._filters)))
         self.subscribed.set()
 
     def _on_disconnect(self, _c: mqtt.Client, _u: object, _f: object, rc: object, _p: object = None) -> None:
@@ -118,8 +137,9 @@ class Source:
         removed = [f for f in self._filters if f not in keep]
         if removed:
             self._filters = [f for f in self._filters if f in keep]
-            if self._client.unsubscribe([self._cfg.subscription(f) for f in removed])[0] != mqtt.MQTT_ERR_SUCCESS:
-                self._stale.update(removed)
+            subs = self._subscriptions(removed)
+            if self._client.unsubscribe(subs)[0] != mqtt.MQTT_ERR_SUCCESS:
+                self._stale.update(subs)
         return removed
 
     def subscribe_added(self, routes: tuple[RouteConfig, ...]) -> list[str]:
@@ -128,8 +148,25 @@ class Source:
         added = sorted({r.topic for r in routes} - set(self._filters))
         if added:
             self._filters = sorted({*self._filters, *added})
-            self._client.subscribe([(self._cfg.subscription(f), 1) for f in added])
+            self._keep(self._stale | set(self._subscriptions(self._filters)))
+            self._client.subscribe([(sub, self._options()) for sub in self._subscriptions(added)])
         return added
+
+    def _subscriptions(self, filters: Iterable[str]) -> list[str]:
+        return [self._cfg.subscription(f) for f in filters]
+
+    def _options(self) -> SubscribeOptions | int:
+        # Retain Handling 1: retained messages only when the subscription is new, not on every resubscribe
+        # of a resumed session (a retained note was processed again at each restart and reconnect).
+        return SubscribeOptions(qos=1, retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB) if self._v5 else 1
+
+    def _keep(self, subscriptions: set[str]) -> None:
+        if self._remember is None:
+            return
+        try:
+            self._remember(sorted(subscriptions))
+        except Exception as e:  # a full disk: the next connect tries again; never kill paho's thread
+            log.warning("source.remember_failed", error=str(e))
 
     def ack(self, item: Inbound) -> None:
         if item.qos > 0:

@@ -48,11 +48,14 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-# Version 1 had no `dead` column; opening one adds it (at the end: SQLite's ALTER TABLE cannot insert it).
+# Version 1 had no `dead` column (opening one adds it, at the end: SQLite's ALTER TABLE cannot insert it) and
+# no `meta` table (the daemon's own small state that must survive with the rows: the filters it subscribed).
 _MIGRATE_1_TO_2 = """
 ALTER TABLE outbox ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
 _COLUMNS = {1: {"seq", "id", "topic", "size", "created_at", "payload"},
             2: {"seq", "id", "topic", "size", "created_at", "dead", "payload"}}
@@ -325,6 +328,20 @@ class Outbox:
             self._dead_bytes -= freed_dead
             self._accepted += n
         return n
+
+    def get_meta(self, key: str) -> str | None:
+        """A value of the daemon's own state kept in the outbox file (None when never set)."""
+        with self._lock:
+            row = self._require_open().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        """Set a state value, durably (synchronous=FULL), before this returns."""
+        with self._lock:
+            conn = self._require_open()
+            with self._transaction(conn, "meta"):
+                conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET value = "
+                             "excluded.value", (key, value))
 
     def max_seq(self) -> int:
         """Highest seq ever assigned (0 for a new outbox); seqs are never reused, even after deletes."""
