@@ -13,34 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent import config
-from edge_agent.agent import Agent
 from edge_agent.outbox.store import Outbox
 
 from .conftest import Broker, wait_for, write_config
-
-
-class Running:
-    def __init__(self, cfg_path: Path) -> None:
-        self.agent = Agent(config.load(cfg_path, environ={}))
-        self.stop_event = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert wait_for(lambda: self.agent.source is not None and self.agent.source.connected.is_set(), 15)
-
-    def _run(self) -> None:
-        try:
-            self.agent.run(self.stop_event)
-        except BaseException as e:  # surfaced by stop()
-            self.error = e
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-        if self.error:
-            raise self.error
+from .kit import Running
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from edge_agent import config
 from edge_agent.errors import ConfigError
 
 from .conftest import Broker, Collector, wait_for
-from .test_e2e import Running
+from .kit import Running
 
 ROUTE = {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"]}
 

@@ -12,7 +12,7 @@ from edge_agent.errors import DecodeError
 from edge_agent.sparkplug import decode_sparkplug
 
 from .conftest import Broker, wait_for, write_config
-from .test_e2e import Running
+from .kit import Running
 
 STRING, DOUBLE = 12, 10  # Sparkplug B DataType values
 DDATA = "spBv1.0/plant1/DDATA/edge1/press3"

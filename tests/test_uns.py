@@ -14,7 +14,7 @@ from edge_agent.outbox.store import retained, split_retain
 from edge_agent.topics import first_asset, output_topic, segments
 
 from .conftest import Broker, Collector, wait_for, write_config
-from .test_e2e import Running
+from .kit import Running
 
 SEGMENTS = ["enterprise", "site", "area", "line"]
 UNS_ROUTE = f"""
