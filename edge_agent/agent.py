@@ -31,6 +31,8 @@ import structlog
 from pydantic import BaseModel
 
 from .config import Config
+from .digest import Digester
+from .digest import dumps as digest_dumps
 from .errors import ConfigError, OutboxError
 from .metrics import Metrics
 from .mqtt.client import preflight
@@ -47,8 +49,10 @@ log = structlog.get_logger(__name__)
 
 EXPIRE_EVERY_S = 60.0
 SUBSCRIBED_KEY = "source.subscriptions"  # in the outbox file: what our persistent session may hold
+DIGEST_KEY = "digest.last_end"  # in the outbox file: the end of the last window digested
+MAX_MISSED_DIGESTS = 6  # after a long outage, the latest windows only (two days of three shifts)
 # Settings held by open connections, files and client ids: a reload keeps their running values.
-RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics")
+RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics", "digest")
 
 
 class Agent:
@@ -65,6 +69,7 @@ class Agent:
         self._reloader: threading.Thread | None = None
         self._started: ExitStack | None = None  # the stops of what start() started, run by stop()
         self._drained = True  # False when stop's drain left a batch running inside a task
+        self.digester: Digester | None = None
 
     def start(self) -> None:
         """Start every stage in order, pushing each one's stop as it starts: stopping is starting reversed,
@@ -85,12 +90,14 @@ class Agent:
             self.tasks = build_tasks(cfg)
             stack.callback(self._close_tasks)
             before = json.loads(self.outbox.get_meta(SUBSCRIBED_KEY) or "[]")
+            requests = [cfg.digest_request_topic] if cfg.digest_request_topic else []
             self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source",
-                                 subscribed_before=before,
+                                 subscribed_before=before, extra_filters=requests,
                                  remember=lambda subs: self.outbox.set_meta(SUBSCRIBED_KEY, json.dumps(subs)))
             stack.callback(self.source.close)  # after the drain below: the pipeline acks through the source
+            self.digester = Digester(cfg.digest, cfg.gateway_id) if cfg.digest.enabled else None
             self.pipeline = Pipeline(cfg, self.tasks, self.outbox, self.source.queue, self.source.ack, self.sink.wake,
-                                     metrics=self.metrics)
+                                     metrics=self.metrics, digester=self.digester)
             if self.metrics is not None:
                 self.metrics.loaded(self.tasks)
                 self.metrics.watch(self.outbox, self.source, self.sink)
@@ -139,8 +146,12 @@ class Agent:
                 ready = self._announce_ready(tick)
             if ping is not None and self._healthy(ping):
                 self.notifier.watchdog()
+            if self.digester is not None:
+                self._publish_due_digests()
             if time.monotonic() >= next_expire:
                 try:
+                    if self.digester is not None:
+                        self.outbox.trim_recent(time.time() - self.cfg.digest.keep_s)
                     self.outbox.expire()
                 except OutboxError as e:  # a full disk: retried next time, never a reason to exit
                     log.error("outbox.expire_failed", error=str(e), retry_in_s=EXPIRE_EVERY_S)
@@ -150,6 +161,32 @@ class Agent:
                 reload.clear()  # a signal during this reload starts another one after it
                 self._reloader = threading.Thread(target=self.reload, args=(load,), name="edge-agent-reload")
                 self._reloader.start()
+
+    def _publish_due_digests(self) -> None:
+        """Each shift end passed since the last digest gets its digest, once: also those that fell due while
+        the daemon was down (the window end is committed with the digest, in one transaction)."""
+        assert self.digester is not None and self.sink is not None
+        now = time.time()
+        last = self.outbox.get_meta(DIGEST_KEY)
+        if last is None:  # the first start with digests on: no window before it
+            ends = self.digester.shift_ends(now - 2 * 24 * 3600, now)
+            self.outbox.set_meta(DIGEST_KEY, repr(ends[-1] if ends else now))
+            return
+        due = self.digester.shift_ends(float(last), now)[-MAX_MISSED_DIGESTS:]
+        for end in due:
+            start = max(float(last), self.digester.previous_end(end))
+            try:
+                digest = self.digester.build(self.outbox.recent_between(start, end), start, end)
+                self.outbox.put_many([(digest["id"], self.cfg.digest_topic, digest_dumps(digest))],
+                                     meta={DIGEST_KEY: repr(end)})
+            except (OutboxError, ValueError) as e:  # a full disk: tried again at the next tick
+                log.error("digest.failed", window_end=end, error=str(e))
+                return
+            last = repr(end)
+            log.info("digest.published", id=digest["id"], notes=digest["notes"], items=len(digest["items"]),
+                     ungrounded_dropped=digest["ungrounded_dropped"], window_from=digest["from"],
+                     window_to=digest["to"])
+            self.sink.wake()
 
     def _reloading(self) -> bool:
         return self._reloader is not None and self._reloader.is_alive()

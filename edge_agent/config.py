@@ -386,6 +386,61 @@ class MetricsConfig(_Frozen):
     port: int = Field(9464, ge=1, le=65535)
 
 
+class MeasurementLimit(_Frozen):
+    """Bounds for one quantity, in the patterns task's normalised unit (kPa, degC, ...)."""
+
+    min: float | None = None
+    max: float | None = None
+
+
+class DigestConfig(_Frozen):
+    """The shift handover digest: what happened per asset, built from the results already in hand."""
+
+    enabled: bool = False
+    topic: str = Field("edge/digest/{gateway}", min_length=1, description="on the sink broker; requests on "
+                       "<topic>/request on the source broker")  # fmt: skip
+    schedule: tuple[str, ...] = Field(("06:00", "14:00", "22:00"), description="local shift ends, HH:MM")
+    timezone: str = Field("UTC", description="IANA time zone of the schedule, e.g. Europe/Berlin")
+    keep_s: float = Field(3 * 24 * 3600, gt=0, le=366 * 24 * 3600,
+                          description="how long results are kept for digests (in the outbox file)")
+    max_items: int = Field(50, ge=1, le=10_000)
+    urgency_task: str = Field("urgency", description="a classifier task whose label (high/medium/low) ranks items")
+    done_labels: tuple[str, ...] = Field(
+        ("done", "repaired", "fixed", "completed"),
+        description="classifier labels that mark a note as work done (besides an extracted action)",
+    )
+    limits: dict[str, MeasurementLimit] = Field(
+        default_factory=dict, description="quantity -> {min, max}: measurements outside are flagged out_of_range"
+    )
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_concrete(cls, v: str) -> str:
+        return _no_wildcards(v, "topic")
+
+    @field_validator("schedule")
+    @classmethod
+    def _times(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        for t in v:
+            m = re.fullmatch(r"([01]\d|2[0-3]):([0-5]\d)", t)
+            if m is None:
+                raise ValueError(f"{t!r} is not a time of day as HH:MM (00:00 to 23:59)")
+        if len(set(v)) != len(v):
+            raise ValueError("each time may appear once")
+        return tuple(sorted(v))
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, v: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"unknown time zone {v!r} (an IANA name such as Europe/Berlin, or UTC)") from e
+        return v
+
+
 class Config(_Frozen):
     gateway_id: str = Field("gateway", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     dead_letter_topic: str = Field("edge/deadletter", min_length=1)
@@ -395,6 +450,7 @@ class Config(_Frozen):
     pipeline: PipelineConfig = PipelineConfig()
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
+    digest: DigestConfig = DigestConfig()
     tasks: dict[str, TaskConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
 
@@ -442,6 +498,8 @@ class Config(_Frozen):
                 for what, template in own.items() if template
             }
             published[f"dead_letter_topic {self.dead_letter_topic!r}"] = self.dead_letter_topic
+            if self.digest.enabled:
+                published[f"digest.topic {self.digest.topic!r}"] = self.digest_topic
             published[f"sink.status_topic {self.sink.status_topic!r}"] = status
             for what, topic in published.items():
                 if topic_matches_sub(route.topic, topic):
@@ -455,6 +513,15 @@ class Config(_Frozen):
 
     def task(self, name: str) -> TaskConfig:
         return self.tasks.get(name) or BUILTIN_TASKS[name]
+
+    @property
+    def digest_topic(self) -> str:
+        return self.digest.topic.replace("{gateway}", self.gateway_id)
+
+    @property
+    def digest_request_topic(self) -> str | None:
+        """Where digests are asked for (on the source broker); None when digests are off."""
+        return f"{self.digest_topic}/request" if self.digest.enabled else None
 
 
 _LOOPBACK = {"localhost", "127.0.0.1", "::1", "ip6-localhost"}

@@ -22,12 +22,14 @@ between its own sub-batches, so a slow model batch keeps the watchdog fed and a 
 
 from __future__ import annotations
 
+import json
 import queue
 import threading
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -35,6 +37,8 @@ from paho.mqtt.client import topic_matches_sub
 
 from .config import Config, RouteConfig
 from .decode import decode_notes
+from .digest import Digester
+from .digest import dumps as digest_dumps
 from .errors import DeadLetterKind, DecodeError
 from .message import Inbound, Note
 from .outbox.store import Outbox, retained
@@ -97,6 +101,7 @@ class _Made:
 
     rows: list[Row] = field(default_factory=list)  # results
     dead: list[Row] = field(default_factory=list)  # dead letters: their own bound in the outbox
+    recent: list[tuple[str, float, bytes]] = field(default_factory=list)  # results kept for the digest
     outcomes: list[Outcome] = field(default_factory=list)
     routes_in: Counter[str] = field(default_factory=Counter)  # (message, route) pairs taken, per route filter
 
@@ -115,8 +120,10 @@ def describe(e: BaseException) -> str:
 
 class Pipeline:
     def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack: Ack,
-                 on_commit: Callable[[], None], metrics: Metrics | None = None) -> None:
+                 on_commit: Callable[[], None], metrics: Metrics | None = None,
+                 digester: Digester | None = None) -> None:
         self._cfg = cfg
+        self._digester = digester  # results are kept for it, and digest requests answered, when configured
         self._limits = cfg.pipeline
         self._tasks = tasks
         self._outbox = outbox
@@ -186,6 +193,10 @@ class Pipeline:
 
     def _admit_message(self, item: Inbound, made: _Made) -> Iterator[tuple[RouteConfig, list[_Pending]]]:
         """(route, pendings) for each route of one message; its dead letters and "ignored" go to `made`."""
+        if self._digester is not None and item.topic == self._cfg.digest_request_topic:
+            made.routes_in[item.topic] += 1
+            self._digest_request(item, made)
+            return
         try:
             routes: list[RouteConfig | None] = list(self._routes_for(item.topic)) or [None]
         except Exception as e:  # a topic the matcher chokes on: still this message's problem only
@@ -247,6 +258,8 @@ class Pipeline:
                 self._dead_letter(made, p.item, route, DeadLetterKind.RESULT_TOO_LARGE, reason, p.note.input_id)
                 continue
             made.rows.extend(rows)
+            if self._digester is not None:
+                made.recent.append((p.rid, p.item.received_at, rows[0][2]))
             made.outcomes.append(Outcome(p.item.topic, p.item.received_at, "ok", route.topic, p.note.input_id, p.rid))
 
     def _result_rows(self, p: _Pending, results: dict[str, Any], now: float) -> list[Row]:
@@ -270,6 +283,29 @@ class Pipeline:
             made.extend(self._latest(route.retain_latest_topic, p, results, payload))
         return made
 
+    def _digest_request(self, item: Inbound, made: _Made) -> None:
+        """`{"from": RFC 3339, "to": RFC 3339, "request_id": "..."}` → a digest of that window (from the kept
+        results), through the outbox like any result; anything else is a dead letter."""
+        assert self._digester is not None
+        try:
+            req = json.loads(item.payload)
+            if not isinstance(req, dict):
+                raise ValueError("expected a JSON object")
+            start, end = (_instant(req[k]) for k in ("from", "to"))
+            if end <= start:
+                raise ValueError("'to' must be after 'from'")
+            request_id = req.get("request_id")
+            if request_id is not None and not isinstance(request_id, str):
+                raise ValueError("'request_id' must be a string")
+            digest = self._digester.build(self._outbox.recent_between(start, end), start, end, request_id)
+        except (ValueError, KeyError, TypeError, OverflowError) as e:
+            reason = f'digest request: {describe(e)} (expected {{"from": RFC 3339, "to": RFC 3339, "request_id"}})'
+            self._dead_letter(made, item, None, DeadLetterKind.BAD_REQUEST, reason)
+            return
+        made.rows.append((digest["id"], self._cfg.digest_topic, digest_dumps(digest)))
+        made.outcomes.append(Outcome(item.topic, item.received_at, "ok", item.topic, digest.get("request_id"),
+                                     digest["id"]))
+
     def _check_stop(self) -> None:
         if self._stopping.is_set():
             raise _Abandoned
@@ -280,7 +316,7 @@ class Pipeline:
         with self._commit_lock:
             self._check_stop()
             if made.rows or made.dead:
-                self._outbox.put_many(made.rows, dead=made.dead)
+                self._outbox.put_many(made.rows, dead=made.dead, recent=made.recent)
             for item in batch:
                 self._ack(item)
         self._on_commit()
@@ -438,6 +474,14 @@ class Pipeline:
             self._stopping.set()
         self._thread.join(1.0)
         return not self._thread.is_alive()
+
+
+def _instant(value: Any) -> float:
+    """An RFC 3339 time with its offset (or Z) as a POSIX timestamp; a naive one is refused."""
+    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone offset (add Z or +01:00)")
+    return t.timestamp()
 
 
 def _bounded(value: Any, max_items: int) -> Any:

@@ -32,9 +32,11 @@ log = structlog.get_logger(__name__)
 
 class Source:
     def __init__(self, cfg: SourceConfig, routes: tuple[RouteConfig, ...], client_id: str, *,
-                 subscribed_before: Iterable[str] = (), remember: Callable[[list[str]], None] | None = None) -> None:
+                 subscribed_before: Iterable[str] = (), remember: Callable[[list[str]], None] | None = None,
+                 extra_filters: Iterable[str] = ()) -> None:
         self._cfg = cfg
-        self._filters = sorted({r.topic for r in routes})
+        self._extra = set(extra_filters)  # not routes, kept through reloads: the digest request topic
+        self._filters = sorted({r.topic for r in routes} | self._extra)
         # Subscriptions the broker may hold for our session (as subscribed: shared ones with their $share
         # prefix): from earlier runs (`subscribed_before`), or removed by a reload while disconnected.
         # Those no route has are unsubscribed on connect; `remember` keeps the set across restarts.
@@ -133,7 +135,7 @@ class Source:
         Messages the broker already sent us stay queued and are processed (and acked) as usual. The session is
         persistent, so a filter we cannot unsubscribe now (disconnected) is unsubscribed on the next connect.
         """
-        keep = {r.topic for r in routes}
+        keep = {r.topic for r in routes} | self._extra
         removed = [f for f in self._filters if f not in keep]
         if removed:
             self._filters = [f for f in self._filters if f in keep]

@@ -16,7 +16,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -49,13 +49,19 @@ CREATE TABLE IF NOT EXISTS outbox (
 CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
 """
+# `recent` keeps published results after they have left the outbox, for a while (the shift digest reads
+# them; nothing else does): written in the same commit as the outbox rows, trimmed by trim_recent().
 # Version 1 had no `dead` column (opening one adds it, at the end: SQLite's ALTER TABLE cannot insert it) and
 # no `meta` table (the daemon's own small state that must survive with the rows: the filters it subscribed).
 _MIGRATE_1_TO_2 = """
 ALTER TABLE outbox ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
 CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
 """
 _COLUMNS = {1: {"seq", "id", "topic", "size", "created_at", "payload"},
             2: {"seq", "id", "topic", "size", "created_at", "dead", "payload"}}
@@ -201,15 +207,18 @@ class Outbox:
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self.close()
 
-    def put_many(self, rows: Sequence[tuple[str, str, bytes]], dead: Sequence[tuple[str, str, bytes]] = ()) -> int:
+    def put_many(self, rows: Sequence[tuple[str, str, bytes]], dead: Sequence[tuple[str, str, bytes]] = (), *,
+                 recent: Sequence[tuple[str, float, bytes]] = (), meta: Mapping[str, str] | None = None) -> int:
         """Append (id, topic, payload) results and dead letters in ONE transaction; return the last seq assigned.
+        `recent` (id, received_at, payload) results are kept for the digest, and `meta` values set, in the
+        same transaction.
 
         The caller may ack the inbound messages as soon as this returns: the rows are on disk
         (WAL + synchronous=FULL). One commit per batch is what makes this fast. Beyond `max_bytes` the
         oldest results are dropped, beyond `dead_letter_max_bytes` the oldest dead letters: a flood of bad
         input never evicts a result. With no rows, nothing is written and the current max_seq is returned.
         """
-        if not rows and not dead:
+        if not rows and not dead and not recent and not meta:
             return self.max_seq()
         now = self._clock()
         params = [(rid, topic, len(payload) + len(topic.encode()), now, 0, payload) for rid, topic, payload in rows]
@@ -220,10 +229,16 @@ class Outbox:
             conn = self._require_open()
             results_bytes = self._bytes - self._dead_bytes
             with self._transaction(conn, "append"):
-                conn.executemany(
-                    "INSERT INTO outbox (id, topic, size, created_at, dead, payload) VALUES (?,?,?,?,?,?)", params
-                )
-                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+                if params:
+                    conn.executemany(
+                        "INSERT INTO outbox (id, topic, size, created_at, dead, payload) VALUES (?,?,?,?,?,?)", params
+                    )
+                last = conn.execute("SELECT last_insert_rowid()").fetchone()[0] if params else self._max_seq
+                if recent:  # a redelivered input has the same id: its result is kept once
+                    conn.executemany("INSERT OR REPLACE INTO recent (id, received_at, payload) VALUES (?,?,?)", recent)
+                for key, value in (meta or {}).items():
+                    conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                                 "value = excluded.value", (key, value))
                 dropped, freed = self._trim_oldest(conn, results_bytes + added_results - self._cfg.max_bytes, dead=0)
                 dropped_dead, freed_dead = self._trim_oldest(
                     conn, self._dead_bytes + added_dead - self._cfg.dead_letter_max_bytes, dead=1
@@ -328,6 +343,26 @@ class Outbox:
             self._dead_bytes -= freed_dead
             self._accepted += n
         return n
+
+    def recent_between(self, start: float, end: float) -> list[bytes]:
+        """Payloads of the results kept (put_many's `recent`) whose input arrived in [start, end), in order."""
+        with self._lock:
+            rows = self._require_open().execute(
+                "SELECT payload FROM recent WHERE received_at >= ? AND received_at < ? ORDER BY received_at, id",
+                (start, end),
+            ).fetchall()
+        return [r[0] for r in rows]
+
+    def trim_recent(self, before: float) -> int:
+        """Forget kept results whose input arrived before `before`; return how many."""
+        with self._lock:
+            conn = self._require_open()
+            conn.execute("PRAGMA synchronous=NORMAL")  # losing a trim to power loss only keeps a row longer
+            try:
+                with self._transaction(conn, "trim"):
+                    return conn.execute("DELETE FROM recent WHERE received_at < ?", (before,)).rowcount
+            finally:
+                conn.execute("PRAGMA synchronous=FULL")
 
     def get_meta(self, key: str) -> str | None:
         """A value of the daemon's own state kept in the outbox file (None when never set)."""
