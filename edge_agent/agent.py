@@ -52,7 +52,7 @@ SUBSCRIBED_KEY = "source.subscriptions"  # in the outbox file: what our persiste
 DIGEST_KEY = "digest.last_end"  # in the outbox file: the end of the last window digested
 MAX_MISSED_DIGESTS = 6  # after a long outage, the latest windows only (two days of three shifts)
 # Settings held by open connections, files and client ids: a reload keeps their running values.
-RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics", "digest")
+RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics", "digest", "feedback")
 
 
 class Agent:
@@ -90,7 +90,7 @@ class Agent:
             self.tasks = build_tasks(cfg)
             stack.callback(self._close_tasks)
             before = json.loads(self.outbox.get_meta(SUBSCRIBED_KEY) or "[]")
-            requests = [cfg.digest_request_topic] if cfg.digest_request_topic else []
+            requests = [t for t in (cfg.digest_request_topic, cfg.feedback_topic) if t]
             self.source = Source(cfg.source, cfg.routes, cfg.source.client_id or f"edge-agent-{cfg.gateway_id}-source",
                                  subscribed_before=before, extra_filters=requests,
                                  remember=lambda subs: self.outbox.set_meta(SUBSCRIBED_KEY, json.dumps(subs)))
@@ -150,8 +150,8 @@ class Agent:
                 self._publish_due_digests()
             if time.monotonic() >= next_expire:
                 try:
-                    if self.digester is not None:
-                        self.outbox.trim_recent(time.time() - self.cfg.digest.keep_s)
+                    if self.cfg.keep_results_s:
+                        self.outbox.trim_recent(time.time() - self.cfg.keep_results_s)
                     self.outbox.expire()
                 except OutboxError as e:  # a full disk: retried next time, never a reason to exit
                     log.error("outbox.expire_failed", error=str(e), retry_in_s=EXPIRE_EVERY_S)

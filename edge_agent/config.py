@@ -221,6 +221,7 @@ class ClassifierTaskConfig(_EncoderTask):
         default_factory=dict, description="label -> description, for zero-shot use when there is no head"
     )
     threshold: float = Field(0.0, ge=0, le=1, description="below this score the result is flagged for review")
+    allow_new_labels: bool = Field(False, description="accept corrections with a label the task does not have yet")
 
     @model_validator(mode="after")
     def _head_or_labels(self) -> ClassifierTaskConfig:
@@ -441,6 +442,21 @@ class DigestConfig(_Frozen):
         return v
 
 
+class FeedbackConfig(_Frozen):
+    """Corrections of published results, on the source broker (see edge_agent.feedback)."""
+
+    enabled: bool = False
+    topic: str = Field("edge/feedback/{gateway}", min_length=1)
+    keep_s: float = Field(7 * 24 * 3600, gt=0, le=366 * 24 * 3600,
+                          description="how long published results can be corrected by result_id")
+    max_rows: int = Field(100_000, ge=100, le=10_000_000, description="corrections kept; the oldest go first")
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_concrete(cls, v: str) -> str:
+        return _no_wildcards(v, "topic")
+
+
 class Config(_Frozen):
     gateway_id: str = Field("gateway", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9._-]+$")
     dead_letter_topic: str = Field("edge/deadletter", min_length=1)
@@ -451,6 +467,7 @@ class Config(_Frozen):
     log: LogConfig = LogConfig()
     metrics: MetricsConfig = MetricsConfig()
     digest: DigestConfig = DigestConfig()
+    feedback: FeedbackConfig = FeedbackConfig()
     tasks: dict[str, TaskConfig] = Field(default_factory=dict)
     routes: tuple[RouteConfig, ...] = Field(min_length=1)
 
@@ -517,6 +534,17 @@ class Config(_Frozen):
     @property
     def digest_topic(self) -> str:
         return self.digest.topic.replace("{gateway}", self.gateway_id)
+
+    @property
+    def feedback_topic(self) -> str | None:
+        """Where corrections arrive (on the source broker); None when feedback is off."""
+        return self.feedback.topic.replace("{gateway}", self.gateway_id) if self.feedback.enabled else None
+
+    @property
+    def keep_results_s(self) -> float:
+        """How long published results stay in the outbox file (0: not kept): the digest and corrections read them."""
+        return max(self.digest.keep_s if self.digest.enabled else 0.0,
+                   self.feedback.keep_s if self.feedback.enabled else 0.0)
 
     @property
     def digest_request_topic(self) -> str | None:

@@ -23,6 +23,7 @@ class DeadLetterKind(StrEnum):
     BAD_OUTPUT = "bad_output"  # the result could not be serialised (a task returned NaN or a non-JSON type)
     RESULT_TOO_LARGE = "result_too_large"  # over pipeline.max_result_bytes
     PACKET_TOO_LARGE = "packet_too_large"  # a stored row over the uplink's Maximum Packet Size (made by the sink)
+    BAD_FEEDBACK = "bad_feedback"  # a correction that does not fit (unknown task or result, label, span)
     BAD_REQUEST = "bad_request"  # a digest request that is not {"from", "to"[, "request_id"]}
     INTERNAL = "internal"  # any other exception while handling this one message: a bug of ours, isolated
 

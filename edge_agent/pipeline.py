@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import structlog
 from paho.mqtt.client import topic_matches_sub
 
+from . import feedback
 from .config import Config, RouteConfig
 from .decode import decode_notes
 from .digest import Digester
@@ -102,6 +103,7 @@ class _Made:
     rows: list[Row] = field(default_factory=list)  # results
     dead: list[Row] = field(default_factory=list)  # dead letters: their own bound in the outbox
     recent: list[tuple[str, float, bytes]] = field(default_factory=list)  # results kept for the digest
+    feedback: list[tuple] = field(default_factory=list)  # corrections received (feedback.Correction.row)
     outcomes: list[Outcome] = field(default_factory=list)
     routes_in: Counter[str] = field(default_factory=Counter)  # (message, route) pairs taken, per route filter
 
@@ -139,6 +141,7 @@ class Pipeline:
         self.dead_lettered = 0
         self.over_limit: Counter[str] = Counter()  # route topic -> messages dead-lettered by its rate limit
         self.ignored = 0  # valid payloads that hold no note (a Sparkplug DDATA of measurements only)
+        self.corrections: Counter[str] = Counter()  # task -> corrections accepted
         self._metrics = metrics
         self.last_progress = time.monotonic()
         self.busy = False  # between taking a batch and committing it
@@ -196,6 +199,10 @@ class Pipeline:
         if self._digester is not None and item.topic == self._cfg.digest_request_topic:
             made.routes_in[item.topic] += 1
             self._digest_request(item, made)
+            return
+        if item.topic == self._cfg.feedback_topic:
+            made.routes_in[item.topic] += 1
+            self._correction(item, made)
             return
         try:
             routes: list[RouteConfig | None] = list(self._routes_for(item.topic)) or [None]
@@ -258,7 +265,7 @@ class Pipeline:
                 self._dead_letter(made, p.item, route, DeadLetterKind.RESULT_TOO_LARGE, reason, p.note.input_id)
                 continue
             made.rows.extend(rows)
-            if self._digester is not None:
+            if self._cfg.keep_results_s:  # for the digest and for corrections by result id
                 made.recent.append((p.rid, p.item.received_at, rows[0][2]))
             made.outcomes.append(Outcome(p.item.topic, p.item.received_at, "ok", route.topic, p.note.input_id, p.rid))
 
@@ -306,6 +313,22 @@ class Pipeline:
         made.outcomes.append(Outcome(item.topic, item.received_at, "ok", item.topic, digest.get("request_id"),
                                      digest["id"]))
 
+    def _correction(self, item: Inbound, made: _Made) -> None:
+        """A correction (edge_agent.feedback), stored with the batch; one that does not fit is a dead letter."""
+        try:
+            c = feedback.parse(item.payload, self._tasks, self._allows_new_labels, self._outbox.get_recent)
+        except DecodeError as e:
+            self._dead_letter(made, item, None, e.kind, e.reason)
+            return
+        made.feedback.append(c.row(item.received_at, item.topic))
+        self.corrections[c.task] += 1
+        log.info("feedback.accepted", task=c.task, label=c.label, fields=c.fields, result_id=c.result_id,
+                 agreed=c.agreed)
+        made.outcomes.append(Outcome(item.topic, item.received_at, "ok", item.topic, c.result_id))
+
+    def _allows_new_labels(self, task: str) -> bool:
+        return bool(getattr(self._cfg.tasks.get(task), "allow_new_labels", False))
+
     def _check_stop(self) -> None:
         if self._stopping.is_set():
             raise _Abandoned
@@ -315,8 +338,9 @@ class Pipeline:
         has set _stopping no commit starts, and the one in progress has finished."""
         with self._commit_lock:
             self._check_stop()
-            if made.rows or made.dead:
-                self._outbox.put_many(made.rows, dead=made.dead, recent=made.recent)
+            if made.rows or made.dead or made.feedback:
+                self._outbox.put_many(made.rows, dead=made.dead, recent=made.recent, feedback=made.feedback,
+                                      feedback_max_rows=self._cfg.feedback.max_rows)
             for item in batch:
                 self._ack(item)
         self._on_commit()

@@ -117,3 +117,41 @@ def purge(path: Path, topic: str | None = None, older_than: float | None = None,
             raise
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     return len(picked), sum(size for _, _, size in picked)
+
+
+def corrections(path: Path, task: str | None = None) -> Iterator[dict[str, Any]]:
+    """The corrections received (edge_agent.feedback), oldest first, as training rows: {"text", "label"} or
+    {"text", "fields"}, with the task, when, where from, and whether the live result agreed."""
+    with closing(_connect(path, readonly=True)) as conn:
+        if conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'feedback'").fetchone() is None:
+            return  # an outbox from before corrections: none
+        sql = "SELECT received_at, task, text, label, fields, result_id, agreed, source FROM feedback"
+        args: tuple = ()
+        if task is not None:
+            sql, args = sql + " WHERE task = ?", (task,)
+        for received_at, name, text, label, fields, rid, agreed, source in conn.execute(sql + " ORDER BY seq", args):
+            row: dict[str, Any] = {"text": text, "task": name}
+            if label is not None:
+                row["label"] = label
+            else:
+                row["fields"] = json.loads(fields)
+            row.update(result_id=rid, agreed=None if agreed is None else bool(agreed), received_at=received_at,
+                       source=source)
+            yield row
+
+
+def correction_stats(path: Path) -> dict[str, Any]:
+    """Per task: corrections, per label (or field), and how often the live result already agreed."""
+    tasks: dict[str, dict[str, Any]] = {}
+    for row in corrections(path):
+        t = tasks.setdefault(row["task"], {"corrections": 0, "labels": {}, "fields": {}, "compared": 0, "agreed": 0})
+        t["corrections"] += 1
+        if "label" in row:
+            t["labels"][row["label"]] = t["labels"].get(row["label"], 0) + 1
+        else:
+            for f in row["fields"]:
+                t["fields"][f] = t["fields"].get(f, 0) + 1
+        if row["agreed"] is not None:
+            t["compared"] += 1
+            t["agreed"] += row["agreed"]
+    return {"path": str(path), "tasks": tasks}

@@ -51,9 +51,14 @@ CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, task TEXT NOT NULL, text TEXT NOT NULL,
+    label TEXT, fields TEXT, result_id TEXT, agreed INTEGER, source TEXT NOT NULL
+);
 """
-# `recent` keeps published results after they have left the outbox, for a while (the shift digest reads
-# them; nothing else does): written in the same commit as the outbox rows, trimmed by trim_recent().
+# `recent` keeps published results after they have left the outbox, for a while (the shift digest and
+# corrections by result id read them): written in the same commit as the outbox rows, trimmed by
+# trim_recent(). `feedback` holds the corrections received (edge_agent.feedback), oldest dropped first.
 # Version 1 had no `dead` column (opening one adds it, at the end: SQLite's ALTER TABLE cannot insert it) and
 # no `meta` table (the daemon's own small state that must survive with the rows: the filters it subscribed).
 _MIGRATE_1_TO_2 = """
@@ -62,6 +67,10 @@ CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, task TEXT NOT NULL, text TEXT NOT NULL,
+    label TEXT, fields TEXT, result_id TEXT, agreed INTEGER, source TEXT NOT NULL
+);
 """
 _COLUMNS = {1: {"seq", "id", "topic", "size", "created_at", "payload"},
             2: {"seq", "id", "topic", "size", "created_at", "dead", "payload"}}
@@ -208,7 +217,8 @@ class Outbox:
         self.close()
 
     def put_many(self, rows: Sequence[tuple[str, str, bytes]], dead: Sequence[tuple[str, str, bytes]] = (), *,
-                 recent: Sequence[tuple[str, float, bytes]] = (), meta: Mapping[str, str] | None = None) -> int:
+                 recent: Sequence[tuple[str, float, bytes]] = (), meta: Mapping[str, str] | None = None,
+                 feedback: Sequence[tuple] = (), feedback_max_rows: int = 100_000) -> int:
         """Append (id, topic, payload) results and dead letters in ONE transaction; return the last seq assigned.
         `recent` (id, received_at, payload) results are kept for the digest, and `meta` values set, in the
         same transaction.
@@ -218,7 +228,7 @@ class Outbox:
         oldest results are dropped, beyond `dead_letter_max_bytes` the oldest dead letters: a flood of bad
         input never evicts a result. With no rows, nothing is written and the current max_seq is returned.
         """
-        if not rows and not dead and not recent and not meta:
+        if not rows and not dead and not recent and not meta and not feedback:
             return self.max_seq()
         now = self._clock()
         params = [(rid, topic, len(payload) + len(topic.encode()), now, 0, payload) for rid, topic, payload in rows]
@@ -236,6 +246,11 @@ class Outbox:
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0] if params else self._max_seq
                 if recent:  # a redelivered input has the same id: its result is kept once
                     conn.executemany("INSERT OR REPLACE INTO recent (id, received_at, payload) VALUES (?,?,?)", recent)
+                if feedback:
+                    conn.executemany("INSERT INTO feedback (received_at, task, text, label, fields, result_id, "
+                                     "agreed, source) VALUES (?,?,?,?,?,?,?,?)", feedback)
+                    conn.execute("DELETE FROM feedback WHERE seq <= (SELECT MAX(seq) FROM feedback) - ?",
+                                 (feedback_max_rows,))
                 for key, value in (meta or {}).items():
                     conn.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
                                  "value = excluded.value", (key, value))
@@ -352,6 +367,12 @@ class Outbox:
                 (start, end),
             ).fetchall()
         return [r[0] for r in rows]
+
+    def get_recent(self, result_id: str) -> bytes | None:
+        """The payload of a kept result, by its id."""
+        with self._lock:
+            row = self._require_open().execute("SELECT payload FROM recent WHERE id = ?", (result_id,)).fetchone()
+        return None if row is None else row[0]
 
     def trim_recent(self, before: float) -> int:
         """Forget kept results whose input arrived before `before`; return how many."""
