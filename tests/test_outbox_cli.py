@@ -134,3 +134,57 @@ def test_beside_the_running_daemon(tmp_path: Path, broker, spawn_agent, publishe
     rc, out, _ = run(capsys, "outbox", "purge", "--config", str(cfg), "--yes")
     assert rc == 0 and "deleted 5 row(s)" in out
     assert rows() == 0
+
+
+def test_one_daemon_per_outbox_file_whatever_its_name(tmp_path: Path, broker, spawn_agent, publisher, capsys) -> None:
+    """The lock goes by the outbox's real path: a second daemon reaching the same file through a symlink (to the
+    file or to its directory) or a relative path cannot start, and purge through such a name refuses."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import REPO
+
+    real = tmp_path / "state" / "o.db"
+    cfg = write_config(tmp_path / "a.toml", source_port=broker.port, sink_port=free_port(), outbox=real)
+    agent = spawn_agent(cfg, tmp_path / "agent.log")
+    assert wait_for(lambda: "gw-test-source" in broker.log() and "plant/+/notes" in broker.log(), timeout=60)
+    pub = publisher(broker.port)
+    for i in range(5):
+        pub.note("plant/l1/notes", i)
+    assert wait_for(lambda: run(capsys, "outbox", "stats", "--config", str(cfg), "--json")[1].count('"rows": 5'),
+                    timeout=60), (tmp_path / "agent.log").read_text()
+
+    (tmp_path / "link.db").symlink_to(real)
+    (tmp_path / "statelink").symlink_to(tmp_path / "state")
+    names = [tmp_path / "link.db", tmp_path / "statelink" / "o.db", Path(os.path.relpath(real, REPO))]
+    for name in names:
+        other = write_config(tmp_path / "b.toml", source_port=broker.port, sink_port=free_port(), outbox=name)
+        text = other.read_text().replace('gateway_id = "gw-test"', 'gateway_id = "gw-other"')
+        other.write_text(text)
+        r = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(other)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 1 and "in use by a running edge-agent" in r.stderr, (name, r.stderr[-2000:])
+        assert f"pid {agent.proc.pid}" in r.stderr
+        rc, _, err = run(capsys, "outbox", "purge", "--config", str(other), "--yes")
+        assert rc == 1 and "stop the daemon first" in err, (name, err)
+        rc, out, _ = run(capsys, "outbox", "stats", "--config", str(other), "--json")
+        assert json.loads(out)["daemon_pid"] == str(agent.proc.pid), name
+    rc, out, _ = run(capsys, "outbox", "stats", "--config", str(cfg), "--json")
+    assert json.loads(out)["rows"] == 5  # nothing deleted under the running daemon
+    assert agent.kill(15) == 0
+
+
+def test_hard_linked_outbox_refused(tmp_path: Path, capsys) -> None:
+    import os
+
+    from edge_agent.errors import ConfigError
+    from edge_agent.outbox_lock import OutboxLock
+
+    db = tmp_path / "o.db"
+    with Outbox(OutboxConfig(path=db)):
+        pass
+    os.link(db, tmp_path / "twin.db")
+    with pytest.raises(ConfigError) as ei:
+        OutboxLock(tmp_path / "twin.db").acquire()
+    assert ei.value.field == "outbox.path" and "2 hard links" in ei.value.message
