@@ -159,6 +159,8 @@ class _StateCollector(Collector):
         yield dropped
         yield CounterMetricFamily("edge_agent_outbox_corrupt_files", "Corrupt outbox files moved aside at open",
                                   value=s.corrupt_files)
+        yield CounterMetricFamily("edge_agent_outbox_files_lost", "Outbox files deleted or replaced under the "
+                                  "running daemon (each recreated with the rows it held)", value=s.files_lost)
         yield CounterMetricFamily("edge_agent_results_acked", "Outbox rows (results and dead letters) the uplink "
                                   "broker acknowledged", value=s.accepted)
 

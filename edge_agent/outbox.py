@@ -12,6 +12,7 @@ single connection keeps ``last_insert_rowid()`` and transactions unambiguous.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -82,6 +83,7 @@ class OutboxStats:
     path: Path
     dropped_max_bytes: int = 0  # the split of `dropped` by the bound that dropped them
     dropped_max_age: int = 0
+    files_lost: int = 0  # times the file was deleted or replaced under us (and recreated, rows kept)
 
 
 class _CorruptFile(Exception):
@@ -100,6 +102,8 @@ class Outbox:
         self._added = self._accepted = self._dropped = self._corrupt_files = 0
         self._dropped_bytes = self._dropped_age = 0
         self._clock_unset_logged = False
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
+        self._files_lost = 0
 
     def open(self) -> Outbox:
         with self._lock:
@@ -110,7 +114,8 @@ class Outbox:
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise OutboxError(f"cannot create outbox directory {self._path.parent}: {e.strerror}") from e
+                raise OutboxError(f"outbox.path: cannot create outbox directory {self._path.parent}: {e.strerror}"
+                                  ) from e
             retrying = tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientError),
                 stop=tenacity.stop_after_attempt(OPEN_ATTEMPTS),
@@ -123,7 +128,32 @@ class Outbox:
             except TransientError as e:
                 raise OutboxError(f"outbox {self._path} stayed locked by another process: {e}") from e
             self._conn = conn
+            self._file_id = self._identity()
         return self
+
+    def check_file(self) -> bool:
+        """True while the file at the outbox's path is the one we have open. When it was deleted (an operator's
+        `rm`, a cleanup script) or replaced under the running daemon, the rows would live on only in an
+        unlinked inode, invisible to `outbox stats`, and be gone at the next start: log it, count it, and
+        recreate the file at the path with every row we hold (same seqs, so the sink's cursors stay right).
+        A file put in our place is moved aside as `<outbox>.replaced-<UTC time>`, never deleted."""
+        with self._lock:
+            conn = self._require_open()
+            try:
+                found = self._identity()
+            except OSError as e:
+                log.warning("outbox.check_failed", path=str(self._path), error=e.strerror)
+                return True  # cannot tell (EIO, EACCES): keep going, try again next time
+            if found == self._file_id:
+                return True
+            how = "deleted" if found is None else "replaced"
+            self._files_lost += 1
+            log.error("outbox.file_lost", path=str(self._path), how=how, rows=self._count,
+                      hint="recreated at the same path with the rows the daemon held; stop the daemon before "
+                           "removing or restoring the outbox (edge-agent outbox purge deletes rows safely)")
+            self._recreate(conn, how)
+            return False
+
 
     def close(self) -> None:
         with self._lock:
@@ -254,9 +284,50 @@ class Outbox:
         with self._lock:
             oldest = self._require_open().execute("SELECT MIN(created_at) FROM outbox").fetchone()[0]
             return OutboxStats(self._count, self._bytes, oldest, self._added, self._accepted,
-                               self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age)
+                               self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age,
+                               self._files_lost)
 
     # -- internals (callers hold self._lock) -------------------------------------------------------
+
+    def _identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file now at the path (symlinks followed), None when there is none."""
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _recreate(self, conn: sqlite3.Connection, how: str) -> None:
+        """Copy the open database (the lost inode, WAL included) to a new file at the path, then reopen it.
+
+        Order matters: SQLite deletes `<path>-wal` by name when its last connection closes, so the old
+        connection is closed before anything of ours appears under the path again."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        tmp = self._path.with_name(f"{self._path.name}.recover-{stamp}")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            if how == "replaced":
+                aside = self._path.with_name(f"{self._path.name}.replaced-{stamp}")
+                self._path.rename(aside)
+                log.error("outbox.moved_aside", path=str(self._path), moved_to=str(aside))
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.backup(copy)  # a consistent snapshot: every committed row, seqs and sqlite_sequence kept
+            finally:
+                copy.close()
+        except (OSError, sqlite3.Error) as e:
+            raise OutboxError(f"outbox {self._path} was {how} and cannot be recreated: {e}") from e
+        conn.close()
+        self._conn = None
+        os.replace(tmp, self._path)
+        dir_fd = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name survives a power cut
+        finally:
+            os.close(dir_fd)
+        self._conn = self._connect_or_quarantine()
+        self._file_id = self._identity()
+        log.warning("outbox.recreated", path=str(self._path), rows=self._count, max_seq=self._max_seq)
 
     def _require_open(self) -> sqlite3.Connection:
         if self._conn is None:

@@ -84,6 +84,28 @@ class OutboxLock:
             os.close(fd)  # drops our probe lock, if we got it
         return None
 
+    def check(self) -> bool:
+        """True while the lock file at our path is the one we hold. Deleted (with the outbox's directory, say),
+        a second daemon or a purge would find no lock and go ahead: take the lock again on a new file. Raises
+        OutboxError when another process took it meanwhile (we keep the old one)."""
+        if self._fd is None:
+            return True
+        held = os.fstat(self._fd)
+        try:
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == (held.st_dev, held.st_ino):
+                return True
+        except FileNotFoundError:
+            pass
+        old, self._fd = self._fd, None
+        try:
+            self.acquire()
+        except BaseException:
+            self._fd = old
+            raise
+        os.close(old)
+        return False
+
     def release(self) -> None:
         if self._fd is not None:
             os.close(self._fd)  # closing drops the flock; the file stays (removing it would race a new holder)

@@ -188,3 +188,57 @@ def test_hard_linked_outbox_refused(tmp_path: Path, capsys) -> None:
     with pytest.raises(ConfigError) as ei:
         OutboxLock(tmp_path / "twin.db").acquire()
     assert ei.value.field == "outbox.path" and "2 hard links" in ei.value.message
+
+
+def test_outbox_deleted_under_the_daemon_is_recreated(tmp_path: Path, broker, spawn_agent, publisher,
+                                                      capsys) -> None:
+    """rm -rf of the outbox's directory while the daemon runs (uplink down, 5 results waiting): within
+    seconds the daemon logs outbox.file_lost, counts it (edge_agent_outbox_files_lost_total), and the file,
+    its 5 rows and the lock are back, so `outbox stats` sees them and purge still refuses. Later notes land
+    there too, and all 10 results reach the uplink when it comes up."""
+    import shutil
+    import urllib.request
+
+    from .conftest import Broker, Collector, log_events
+
+    state = tmp_path / "state"
+    sink_port, metrics_port = free_port(), free_port()
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=sink_port, outbox=state / "o.db",
+                       extra=f"[metrics]\nenabled = true\nport = {metrics_port}\n")
+    log = tmp_path / "agent.log"
+    uplink = Broker(tmp_path / "uplink", port=sink_port).start()  # once, for the consumer's persistent session
+    consumer = Collector(uplink.port, "edge/results/#", client_id="consumer")
+    assert consumer.subscribed.wait(10)
+    uplink.stop()
+    agent = spawn_agent(cfg, log)
+    assert wait_for(lambda: "gw-test-source" in broker.log() and "plant/+/notes" in broker.log(), timeout=60)
+    pub = publisher(broker.port)
+    for i in range(5):
+        pub.note("plant/l1/notes", i)
+
+    def stats() -> dict:
+        rc, out, _ = run(capsys, "outbox", "stats", "--config", str(cfg), "--json")
+        return json.loads(out) if rc == 0 else {}
+
+    assert wait_for(lambda: stats().get("rows") == 5, timeout=60), log.read_text()
+    shutil.rmtree(state)
+    assert stats() == {}  # "no outbox": what an operator would see without the fix, for good
+    assert wait_for(lambda: log_events(log, "outbox.file_lost"), timeout=30), log.read_text()
+    assert wait_for(lambda: stats().get("rows") == 5, timeout=30), log.read_text()
+    assert wait_for(lambda: log_events(log, "outbox.lock_recreated"), timeout=30), log.read_text()
+    assert stats()["daemon_pid"] == str(agent.proc.pid)
+    rc, _, err = run(capsys, "outbox", "purge", "--config", str(cfg), "--yes")
+    assert rc == 1 and "stop the daemon first" in err
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        assert "edge_agent_outbox_files_lost_total 1.0" in r.read().decode()
+    for i in range(5, 10):
+        pub.note("plant/l1/notes", i)
+    assert wait_for(lambda: stats().get("rows") == 10, timeout=60), log.read_text()
+
+    uplink.start()
+    try:
+        assert wait_for(lambda: len({m["input_id"] for m in consumer.json()}) == 10, timeout=60)
+        assert agent.kill(15) == 0
+    finally:
+        consumer.close()
+        uplink.stop()
