@@ -13,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_wsgi_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -45,6 +49,51 @@ _REASON_CLASSES = (
     ("empty text", "empty"),
     ("no route matches", "no_route"),
 )
+
+
+# The endpoint serves a scraper or two: a thread per connection, at most this many at once, each connection
+# given this long to send its request. Connections beyond the bound are closed at once, so 300 idle sockets
+# cost 300 accepts and no thread more (prometheus_client's own server starts a thread for every one).
+MAX_CONNECTIONS = 8
+CONNECTION_TIMEOUT_S = 5.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT_S  # socketserver applies it to the connection: an idle client is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not log lines."""
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64  # a burst of connects waits in the kernel's accept queue, not in SYN retries
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)  # full: the scraper retries at its next interval
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An idle client timed out or hung up: socketserver would print a traceback to stderr for it."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 def reason_class(reason: str) -> str:
@@ -111,7 +160,12 @@ class Metrics:
     def serve(self, cfg: MetricsConfig) -> None:
         """Listen on cfg.host:cfg.port (a thread of its own). A port in use is a config error at start."""
         try:
-            self._server, _thread = start_wsgi_server(cfg.port, addr=cfg.host, registry=self.registry)
+            family, _, _, _, sockaddr = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+            server_class = type("_Server", (_BoundedServer,), {"address_family": family})
+            self._server = make_server(sockaddr[0], cfg.port, make_wsgi_app(self.registry), server_class,
+                                       handler_class=_QuietHandler)
+            threading.Thread(target=self._server.serve_forever, name="edge-agent-metrics", daemon=True).start()
         except OSError as e:
             raise ConfigError("metrics.port", f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}",
                               "pick a free port, or set [metrics] enabled = false") from None

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -198,3 +199,45 @@ def test_metrics_port_in_use_is_a_config_error(tmp_path: Path, broker) -> None:
 )
 def test_dead_letter_reason_classes_are_bounded(reason: str, cls: str) -> None:
     assert reason_class(reason) == cls
+
+
+def test_idle_connections_cost_a_bounded_number_of_threads(tmp_path: Path, broker, spawn_agent) -> None:
+    """300 idle TCP connections to the endpoint of the real daemon: at most MAX_CONNECTIONS threads more,
+    and a scrape gets through once the idle ones have timed out (prometheus_client's server: 300 threads)."""
+    from edge_agent import metrics
+
+    max_connections = getattr(metrics, "MAX_CONNECTIONS", 8)
+    idle_timeout = getattr(metrics, "CONNECTION_TIMEOUT_S", 5.0)
+    port = free_port()
+    log = tmp_path / "agent.log"
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
+                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
+    agent = spawn_agent(cfg, log)
+    assert wait_for(lambda: accepting(port), timeout=60), log.read_text()
+    assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="sink") == 1.0, timeout=30)
+    tasks = Path(f"/proc/{agent.proc.pid}/task")
+
+    def threads() -> int:
+        return len(list(tasks.iterdir()))
+
+    before = threads()
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1.0)  # let the daemon accept them all
+        assert threads() <= before + max_connections, (before, threads())
+        ok = wait_for(lambda: _scrapes(port), timeout=idle_timeout * 3, interval=0.5)
+        assert ok, "no scrape got through after the idle connections timed out"
+    finally:
+        for s in idle:
+            s.close()
+    assert wait_for(lambda: threads() <= before, timeout=idle_timeout * 3)
+    assert "Traceback" not in log.read_text()
+
+
+def _scrapes(port: int) -> bool:
+    try:
+        return value(scrape(port), "edge_agent_connected", connection="source") is not None
+    except OSError:
+        return False
