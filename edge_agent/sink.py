@@ -25,7 +25,7 @@ import structlog
 from . import __version__
 from .config import SinkConfig
 from .errors import OutboxError
-from .mqtt import Will, connect_async, is_failure, make_client, refused_hint
+from .mqtt import ReconnectBackoff, Will, connect_async, is_failure, make_client, refused_hint
 from .outbox import Outbox, Record
 from .results import mark_replayed, split_retain
 
@@ -72,6 +72,7 @@ class Sink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._backoff = ReconnectBackoff(self._client, cfg, "sink")
         self._settled: collections.deque[tuple[int, object]] = collections.deque()  # (mid, reason) from paho
         # Owned by the dispatcher thread alone:
         self._inflight: dict[int, _Inflight] = {}
@@ -112,6 +113,7 @@ class Sink:
                 hint=refused_hint("sink", rc),
             )
             return
+        self._backoff.connected()
         client.publish(self.status_topic, self._status(True), qos=1, retain=True)
         self._new_connection = True
         self._connected.set()
@@ -123,6 +125,7 @@ class Sink:
             self.reconnects += 1
             log.warning("sink.disconnected", reason=str(rc), inflight=len(self._inflight))
         self._connected.clear()
+        self._backoff.disconnected()
 
     def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: object, _p: object = None) -> None:
         # Runs under paho's message mutex: take no lock of ours here (publish() needs paho's mutex while
