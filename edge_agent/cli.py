@@ -31,6 +31,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         preflight(cfg, credentials=has_creds)
     except ConfigError as e:
         return _fail_config(e)
+    if cfg.sink.protocol == "3.1.1":
+        from .sink import SINK_311_HINT
+
+        print(f"warning: sink.protocol = \"3.1.1\": {SINK_311_HINT}")
     if not has_creds and any(b.password_credential for b in (cfg.source, cfg.sink)):
         print("note: password_credential not checked (CREDENTIALS_DIRECTORY is set only inside the service)")
     print(

@@ -32,6 +32,10 @@ from .results import mark_replayed, split_retain
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY_S = 5.0
+# MQTT 3.1.1 has no reason code in PUBACK: a broker that refuses a publish (an ACL) acknowledges it all the
+# same (Mosquitto does), so the row is deleted as delivered and the result is lost without a trace.
+SINK_311_HINT = ("with MQTT 3.1.1 a publish the uplink broker refuses (ACL) is acknowledged all the same and the "
+                 "result deleted unseen: set sink.protocol = \"5\" (MQTT 5 reports the refusal; the row stays)")
 
 
 class TokenBucket:
@@ -220,6 +224,8 @@ class Sink:
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        if self._cfg.protocol == "3.1.1":
+            log.warning("sink.protocol_3_1_1", host=self._cfg.host, port=self._cfg.port, hint=SINK_311_HINT)
         connect_async(self._client, self._cfg, persistent=False)
         self._client.loop_start()
         self._thread = threading.Thread(target=self._run, name="edge-agent-sink", daemon=True)
