@@ -56,6 +56,11 @@ _CHUNK = 500  # host parameters per IN (...) list; old SQLite builds cap them at
 # floor, TIME_EPOCH): a created_at below it, or a clock reading below it, is an unset clock, not an age.
 PLAUSIBLE_AFTER = 1_735_689_600.0
 
+# The wall clock moved this much more (or less) than the monotonic clock between two readings: a step (NTP
+# after an outage, an operator's `date -s`, a wrong RTC corrected), not time that passed. NTP slews small
+# errors at most 500 ppm, far below this.
+STEP_TOLERANCE_S = 60.0
+
 # Opening is retried only while another process holds the file locked (a backup, an operator's sqlite3
 # shell). Module-level so tests can shorten them.
 OPEN_ATTEMPTS = 4
@@ -91,10 +96,15 @@ class _CorruptFile(Exception):
 
 
 class Outbox:
-    def __init__(self, cfg: OutboxConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: OutboxConfig, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self._cfg = cfg
         self._path = Path(cfg.path)
         self._clock = clock
+        # Ages count monotonic time within a run. A wall clock given without a monotonic one (tests that move a
+        # fake clock to stand for time passing) is trusted as is.
+        self._monotonic = monotonic if monotonic is not None else (time.monotonic if clock is time.time else None)
+        self._reading: tuple[float, float] | None = None  # (wall, monotonic) at the last stamp or expiry
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         # Kept in memory so that the bound check in put_many costs nothing; recomputed at open().
@@ -176,12 +186,13 @@ class Outbox:
         """
         if not rows:
             return self.max_seq()
-        now = self._clock()
-        params = [(rid, topic, len(payload) + len(topic.encode()), now, payload) for rid, topic, payload in rows]
-        added_bytes = sum(p[2] for p in params)
         with self._lock:
             conn = self._require_open()
+            now, step, mono = self._read_clock()
+            params = [(rid, topic, len(payload) + len(topic.encode()), now, payload) for rid, topic, payload in rows]
+            added_bytes = sum(p[2] for p in params)
             with self._transaction(conn, "append"):
+                moved = self._restamp(conn, step)
                 conn.executemany("INSERT INTO outbox (id, topic, size, created_at, payload) VALUES (?,?,?,?,?)", params)
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
                 dropped, freed = self._trim_oldest(conn, self._bytes + added_bytes - self._cfg.max_bytes)
@@ -192,6 +203,9 @@ class Outbox:
             self._dropped += dropped
             self._dropped_bytes += dropped
             self._max_seq = last
+            self._reading = (now, mono)  # only once the restamp is committed: a failed one is retried
+        if step:
+            self._log_step(step, moved)
         if dropped:
             log.warning("outbox.dropped", count=dropped, reason="max_bytes", max_bytes=self._cfg.max_bytes)
         return last
@@ -204,8 +218,19 @@ class Outbox:
         clock get "now" as their created_at, so their age counts from the first trustworthy reading
         (never early; at worst max_age_s late). Rows stamped after a backward jump sit in the future
         and are younger than any cutoff, so they stay.
+
+        Within a run a step of the clock (a reading that moved more than STEP_TOLERANCE_S away from the time
+        the monotonic clock says passed, e.g. 40 days ahead) moves every row's created_at by the same step,
+        so ages keep counting real time and nothing expires early or late for it (`outbox.clock_step`).
         """
-        now = self._clock()
+        with self._lock:
+            conn = self._require_open()
+            now, step, mono = self._read_clock()
+            if step:
+                with self._transaction(conn, "restamp"):
+                    moved = self._restamp(conn, step)
+                self._log_step(step, moved)
+            self._reading = (now, mono)
         if now < PLAUSIBLE_AFTER:
             if not self._clock_unset_logged:
                 self._clock_unset_logged = True
@@ -288,6 +313,30 @@ class Outbox:
                                self._files_lost)
 
     # -- internals (callers hold self._lock) -------------------------------------------------------
+
+    def _read_clock(self) -> tuple[float, float, float]:
+        """(wall clock now, its step since the last committed reading or 0.0 when it did not step, monotonic
+        now). The caller stores (now, monotonic) as the reading once its transaction has committed."""
+        now = self._clock()
+        if self._monotonic is None:
+            return now, 0.0, 0.0
+        mono = self._monotonic()
+        if self._reading is None:
+            return now, 0.0, mono
+        step = (now - self._reading[0]) - (mono - self._reading[1])
+        return now, (step if abs(step) > STEP_TOLERANCE_S else 0.0), mono
+
+    @staticmethod
+    def _restamp(conn: sqlite3.Connection, step: float) -> int:
+        """Move every row's created_at by the clock's step (inside the caller's transaction)."""
+        if not step:
+            return 0
+        return conn.execute("UPDATE outbox SET created_at = created_at + ?", (step,)).rowcount
+
+    @staticmethod
+    def _log_step(step: float, moved: int) -> None:
+        log.warning("outbox.clock_step", step_s=round(step, 3), rows_restamped=moved,
+                    hint="the wall clock stepped; row ages count the time that really passed")
 
     def _identity(self) -> tuple[int, int] | None:
         """(st_dev, st_ino) of the file now at the path (symlinks followed), None when there is none."""

@@ -606,3 +606,35 @@ def test_unusable_outbox_path_is_a_config_error_naming_it(tmp_path: Path, case: 
             subprocess.run(["umount", "-l", str(mnt)], check=False)
     assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
     assert "outbox.path" in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_wall_clock_step_never_expires_rows_early(tmp_path: Path) -> None:
+    """A 40-day forward step (wall clock only; the monotonic clock counts what really passed) moves every
+    row's created_at with it: nothing expires for the step, rows expire once max_age has really passed."""
+    from structlog.testing import capture_logs
+
+    wall, mono = FakeClock(T0), FakeClock(1000.0)
+    ob = Outbox(OutboxConfig(path=tmp_path / "outbox.db", max_age_s=3600), clock=wall, monotonic=mono).open()
+    try:
+        ob.put_many([row(i) for i in range(3)])
+        wall.t += 600
+        mono.t += 600
+        ob.put_many([row(3)])  # 10 min later: no step
+        wall.t += 40 * 86400  # NTP steps the clock 40 days ahead
+        with capture_logs() as logs:
+            assert ob.expire() == 0
+        steps = [e for e in logs if e["event"] == "outbox.clock_step"]
+        assert len(steps) == 1 and steps[0]["rows_restamped"] == 4 and steps[0]["step_s"] == 40 * 86400
+        wall.t += 3001
+        mono.t += 3001  # 3,601 s after the first three rows
+        assert ob.expire() == 3  # ... which go now, and only they
+        wall.t += 600
+        mono.t += 600
+        assert ob.expire() == 1
+        wall.t -= 7 * 86400  # and a backward step: rows do not live on for it either
+        ob.put_many([row(9)])
+        wall.t += 3601
+        mono.t += 3601
+        assert ob.expire() == 1
+    finally:
+        ob.close()

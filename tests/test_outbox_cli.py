@@ -242,3 +242,66 @@ def test_outbox_deleted_under_the_daemon_is_recreated(tmp_path: Path, broker, sp
     finally:
         consumer.close()
         uplink.stop()
+
+
+_LIBFAKETIME = sorted(Path("/usr/lib").glob("*/faketime/libfaketime.so.1"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _LIBFAKETIME, reason="libfaketime not installed (Debian: apt-get install faketime)")
+def test_forward_clock_step_under_the_daemon_expires_nothing(tmp_path: Path, broker, publisher, capsys) -> None:
+    """The real daemon under libfaketime: 20 results wait (uplink down, max_age_s 1 h), then the wall clock
+    steps 40 days ahead (the monotonic clock does not, as with NTP). The first expiry (60 s after start) used
+    to drop all 20; now it logs outbox.clock_step, moves the rows' stamps with the clock and drops nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import REPO, log_events
+
+    offset = tmp_path / "faketime"
+    offset.write_text("+0\n")
+    # libfaketime 0.9.10 with DONT_FAKE_MONOTONIC fails clock_nanosleep(TIMER_ABSTIME) with EINVAL, which is
+    # what time.sleep uses: the daemon's sleeps go through select() instead (test harness only).
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(
+        "import select, time\n"
+        "def _sleep(s):\n"
+        "    if s < 0:\n"
+        "        raise ValueError('sleep length must be non-negative')\n"
+        "    select.select([], [], [], s)\n"
+        "time.sleep = _sleep\n")
+    env = {**os.environ, "LD_PRELOAD": str(_LIBFAKETIME[0]), "FAKETIME_TIMESTAMP_FILE": str(offset),
+           "FAKETIME_NO_CACHE": "1", "DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+           "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)])}
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=free_port(), outbox=tmp_path / "o.db")
+    cfg.write_text(cfg.read_text().replace("[outbox]\n", "[outbox]\nmax_age_s = 3600\n"))
+    log = tmp_path / "agent.log"
+    with log.open("ab") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], cwd=REPO, env=env,
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        assert wait_for(lambda: "gw-test-source" in broker.log() and "plant/+/notes" in broker.log(), timeout=60), \
+            log.read_text()
+        pub = publisher(broker.port)
+        for i in range(20):
+            pub.note("plant/l1/notes", i)
+
+        def rows() -> int:
+            rc, out, _ = run(capsys, "outbox", "stats", "--config", str(cfg), "--json")
+            return json.loads(out)["rows"] if rc == 0 else -1
+
+        assert wait_for(lambda: rows() == 20, timeout=60), log.read_text()
+        offset.write_text("+40d\n")
+        assert wait_for(lambda: log_events(log, "outbox.clock_step") or log_events(log, "outbox.dropped"),
+                        timeout=90), log.read_text()
+        assert log_events(log, "outbox.dropped") == [], "rows expired by the clock step"
+        step = log_events(log, "outbox.clock_step")[0]
+        assert abs(step["step_s"] - 40 * 86400) < 120 and step["rows_restamped"] == 20
+        assert rows() == 20 and proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=30)
+    assert rc == 0, log.read_text()[-3000:]
