@@ -51,6 +51,7 @@ EXPIRE_EVERY_S = 60.0
 SUBSCRIBED_KEY = "source.subscriptions"  # in the outbox file: what our persistent session may hold
 DIGEST_KEY = "digest.last_end"  # in the outbox file: the end of the last window digested
 MAX_MISSED_DIGESTS = 6  # after a long outage, the latest windows only (two days of three shifts)
+FILE_CHECK_EVERY_S = 5.0  # how soon an outbox deleted under the daemon is noticed and recreated
 # Settings held by open connections, files and client ids: a reload keeps their running values.
 RESTART_ONLY = ("gateway_id", "source", "sink", "outbox", "log", "metrics", "digest", "feedback")
 
@@ -135,6 +136,7 @@ class Agent:
         ping = watchdog_interval()
         tick = min(ping or 1.0, 1.0)
         next_expire = time.monotonic() + EXPIRE_EVERY_S
+        next_file_check = time.monotonic() + FILE_CHECK_EVERY_S
         ready = False
         if not self.source.subscribed.is_set():
             where = f"{self.cfg.source.host}:{self.cfg.source.port}"
@@ -156,6 +158,9 @@ class Agent:
                 except OutboxError as e:  # a full disk: retried next time, never a reason to exit
                     log.error("outbox.expire_failed", error=str(e), retry_in_s=EXPIRE_EVERY_S)
                 next_expire = time.monotonic() + EXPIRE_EVERY_S
+            if time.monotonic() >= next_file_check:
+                self._check_files()
+                next_file_check = time.monotonic() + FILE_CHECK_EVERY_S
             # A SIGHUP before READY waits for it: systemd's RELOADING=1 ... READY=1 brackets a running service.
             if ready and reload is not None and load is not None and reload.is_set() and not self._reloading():
                 reload.clear()  # a signal during this reload starts another one after it
@@ -187,6 +192,16 @@ class Agent:
                      ungrounded_dropped=digest["ungrounded_dropped"], window_from=digest["from"],
                      window_to=digest["to"])
             self.sink.wake()
+
+    def _check_files(self) -> None:
+        """The outbox file and its lock still exist under their names; recreated (rows kept) when not."""
+        try:
+            self.outbox.check_file()
+            if not self.outbox_lock.check():
+                log.error("outbox.lock_recreated", path=str(self.outbox_lock.path),
+                          hint="the lock file was deleted while the daemon ran; it holds a new one")
+        except (OutboxError, ConfigError) as e:  # retried next time; never a reason to exit
+            log.error("outbox.check_failed", error=str(e), retry_in_s=FILE_CHECK_EVERY_S)
 
     def _reloading(self) -> bool:
         return self._reloader is not None and self._reloader.is_alive()

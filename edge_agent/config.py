@@ -14,6 +14,9 @@ from __future__ import annotations
 import math
 import os
 import re
+import re._constants as sre
+import re._parser as sre_parse
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,12 +31,22 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from .errors import ConfigError
 from .topics import RESERVED, SEGMENT_NAME, check_template
 
 ENV_PREFIX = "EDGE_AGENT__"
 _TOPIC_WILDCARDS = re.compile(r"[+#]")
+MAX_TOPIC_BYTES = 65535  # MQTT: a topic is a UTF-8 string with a two-byte length
+# What MQTT forbids in a UTF-8 string (U+0000, surrogates) and what it says SHOULD NOT be there (controls,
+# non-characters): Mosquitto disconnects a client that publishes or subscribes to such a topic, on every try.
+_TOPIC_BAD_CHARS = re.compile(
+    "[\x00-\x1f\x7f-\x9f\ud800-\udfff\ufdd0-\ufdef"
+    + "".join(f"{chr(p + 0xFFFE)}{chr(p + 0xFFFF)}" for p in range(0, 0x110000, 0x10000))
+    + "]"
+)
+MAX_CONFIG_DEPTH = 32  # tables and arrays nested in the config file; the deepest real key needs 4
 
 
 def _no_wildcards(topic: str, what: str) -> str:
@@ -43,8 +56,89 @@ def _no_wildcards(topic: str, what: str) -> str:
     return topic
 
 
+def _mqtt_string(topic: str, what: str) -> str:
+    """A topic (name or filter) the broker accepts: at most 65535 bytes of UTF-8, no forbidden character.
+    Either would fail only at run time, on every publish or subscribe, with the broker dropping the link."""
+    if bad := _TOPIC_BAD_CHARS.search(topic):
+        detail = (f"{what} contains U+{ord(bad.group()):04X} at character {bad.start()}, which MQTT forbids in a "
+                  "topic (U+0000, control characters, surrogates, non-characters)")
+        raise PydanticCustomError("mqtt_topic", "{detail}", {"detail": detail})
+    if (n := len(topic.encode())) > MAX_TOPIC_BYTES:
+        detail = f"{what} is {n} bytes of UTF-8; MQTT allows at most {MAX_TOPIC_BYTES}"
+        raise PydanticCustomError("mqtt_topic", "{detail}", {"detail": detail})
+    return topic
+
+
+def _backtracking_risk(pattern: str) -> str | None:
+    r"""Why `pattern` can take time exponential in the note's length in Python's backtracking engine, or None.
+
+    The rule: a group that a greedy or lazy quantifier repeats (`*`, `+`, `{m,n}` with n > 1) may not hold a
+    quantifier of variable length or an alternation with two non-empty branches, because then the same text
+    splits into iterations in exponentially many ways and a failing match tries them all (`(a+)+$`,
+    `(\w+\s?)*$`, `(a|aa)+$`). A possessive quantifier (`*+`, `++`, `{m,n}+`) or an atomic group `(?>...)`
+    never gives back what it matched, so it is safe as the repeated group; its contents are checked in turn.
+    """
+
+    def ambiguous(items: sre_parse.SubPattern | list) -> str | None:
+        for op, av in items:
+            if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+                lo, hi, body = av
+                if lo != hi:
+                    return "a quantifier inside a repeated group"
+                if why := ambiguous(body):
+                    return why
+            elif op is sre.BRANCH:
+                alternatives = av[1]
+                if sum(1 for b in alternatives if b) > 1 or len({sre_parse.SubPattern(tree.state, b).getwidth()
+                                                                 for b in alternatives}) > 1:
+                    return "an alternation inside a repeated group"
+                for b in alternatives:
+                    if why := ambiguous(b):
+                        return why
+            elif op is sre.SUBPATTERN:
+                if why := ambiguous(av[-1]):
+                    return why
+            elif op in (sre.ASSERT, sre.ASSERT_NOT) and (why := ambiguous(av[1])):
+                return why
+            elif op is sre.GROUPREF_EXISTS:
+                for b in av[1:]:
+                    if b is not None and (why := ambiguous(b)):
+                        return why
+            # ATOMIC_GROUP and POSSESSIVE_REPEAT give nothing back: opaque here, checked by walk()
+        return None
+
+    def walk(items: sre_parse.SubPattern | list) -> str | None:
+        for op, av in items:
+            children: list = []
+            if op in (sre.MAX_REPEAT, sre.MIN_REPEAT):
+                _lo, hi, body = av
+                if hi > 1 and (why := ambiguous(body)):
+                    return why
+                children = [body]
+            elif op is sre.POSSESSIVE_REPEAT:
+                children = [av[2]]
+            elif op is sre.SUBPATTERN:
+                children = [av[-1]]
+            elif op is sre.ATOMIC_GROUP:
+                children = [av]
+            elif op is sre.BRANCH:
+                children = av[1]
+            elif op in (sre.ASSERT, sre.ASSERT_NOT):
+                children = [av[1]]
+            elif op is sre.GROUPREF_EXISTS:
+                children = [b for b in av[1:] if b is not None]
+            for child in children:
+                if why := walk(child):
+                    return why
+        return None
+
+    tree = sre_parse.parse(pattern)
+    return walk(tree)
+
+
 class _Frozen(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: no setting means anything at inf or nan (a drain timeout of inf crashes the stop).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TLSConfig(_Frozen):
@@ -76,7 +170,10 @@ class BrokerConfig(_Frozen):
     )
     tls: TLSConfig | None = None
     session_expiry: int = Field(
-        7 * 24 * 3600, ge=0, description="seconds the broker keeps our session (MQTT 5) after a disconnect"
+        7 * 24 * 3600,
+        ge=0,
+        le=2**32 - 1,  # a four-byte integer in CONNECT; paho's thread dies on a larger one
+        description="seconds the broker keeps our session (MQTT 5) after a disconnect",
     )
     reconnect_min_delay: float = Field(1.0, gt=0)
     reconnect_max_delay: float = Field(30.0, gt=0)
@@ -133,7 +230,7 @@ class SinkConfig(BrokerConfig):
     replay_rate: float = Field(
         500.0, gt=0, description="backlog results per second replayed after an outage (token bucket)"
     )
-    replay_burst: int = Field(100, ge=1)
+    replay_burst: int = Field(100, ge=1, le=2**31 - 1)
     status_topic: str = Field("edge/status/{gateway}", min_length=1)
     max_packet_bytes: int | None = Field(
         None, ge=512, le=268_435_460,
@@ -145,7 +242,7 @@ class SinkConfig(BrokerConfig):
     @classmethod
     def _status_concrete(cls, v: str) -> str:
         # paho raises on a wildcard inside its network thread, which would stop the sink's connection for good.
-        return _no_wildcards(v, "status_topic")
+        return _mqtt_string(_no_wildcards(v, "status_topic"), "status_topic")
 
 
 class OutboxConfig(_Frozen):
@@ -204,6 +301,12 @@ class PatternsTaskConfig(_Frozen):
                 re.compile(p)
             except re.error as e:
                 raise ValueError(f"regex {p!r} does not compile: {e}") from e
+            except (RecursionError, OverflowError) as e:  # groups nested thousands deep, a {n} over 4 G
+                raise ValueError(f"regex {p!r} does not compile: {e}") from None
+            if why := _backtracking_risk(p):
+                # Every note runs through these: one that backtracks exponentially stalls the whole pipeline.
+                detail = f"regex {p!r} can take exponential time on some notes ({why})"
+                raise PydanticCustomError("regex_backtracking", "{detail}", {"detail": detail})
         return v
 
 
@@ -308,7 +411,9 @@ class RouteConfig(_Frozen):
     rate_limit: float | None = Field(
         None, gt=0, description="messages/s this route processes; more are dead-lettered (default unlimited)"
     )
-    rate_burst: int | None = Field(None, ge=1, description="messages allowed at once; default one second's worth")
+    rate_burst: int | None = Field(
+        None, ge=1, le=2**31 - 1, description="messages allowed at once; default one second's worth"
+    )
 
     @model_validator(mode="after")
     def _burst_needs_rate(self) -> RouteConfig:
@@ -344,7 +449,7 @@ class RouteConfig(_Frozen):
                 raise ValueError("'#' must be a whole level and the last one (e.g. plant/#)")
             if "+" in level and level != "+":
                 raise ValueError("'+' must be a whole level (e.g. plant/+/notes)")
-        return v
+        return _mqtt_string(v, "the topic filter")
 
     @field_validator("topic_segments")
     @classmethod
@@ -370,7 +475,9 @@ class RouteConfig(_Frozen):
         known = {"topic", "gateway", *info.data.get("topic_segments", ())}
         if info.field_name == "retain_latest_topic":
             known.add("asset")
-        _no_wildcards(check_template(v, known), "an output topic")
+        literal = check_template(v, known)
+        _no_wildcards(literal, "an output topic")
+        _mqtt_string(literal, "the output topic's fixed text")
         return v
 
 
@@ -474,7 +581,16 @@ class Config(_Frozen):
     @field_validator("dead_letter_topic")
     @classmethod
     def _dlq_concrete(cls, v: str) -> str:
-        return _no_wildcards(v, "dead_letter_topic")
+        return _mqtt_string(_no_wildcards(v, "dead_letter_topic"), "dead_letter_topic")
+
+    @model_validator(mode="after")
+    def _status_topic_fits(self) -> Config:
+        topic = self.sink.status_topic.replace("{gateway}", self.gateway_id)
+        try:
+            _mqtt_string(topic, "status_topic")
+        except PydanticCustomError as e:
+            raise ConfigError("sink.status_topic", e.message(), _HINTS["mqtt_topic"]) from None
+        return self
 
     @model_validator(mode="after")
     def _tasks_exist(self) -> Config:
@@ -587,6 +703,8 @@ _HINTS = {
     "less_than": "lower the value",
     "string_too_long": "shorten the value",
     "too_long": "use fewer entries",
+    "mqtt_topic": "shorten it to at most 65535 bytes and keep to printable characters",
+    "regex_backtracking": "make the inner quantifier possessive (++, *+, ?+) or the repeated group atomic (?>...)",
     "path_type": 'use a quoted file path, e.g. "/etc/edge-agent/ca.pem"',
     "tuple_type": 'use a list, e.g. ["a", "b"]',
     "list_type": 'use a list, e.g. ["a", "b"]',
@@ -619,7 +737,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
             node = child
         try:
             node[path[-1]] = tomllib.loads(f"v = {raw}")["v"]
-        except tomllib.TOMLDecodeError:
+        except (ValueError, RecursionError):  # TOMLDecodeError, a 5,000-digit number, [[[...]]] 5,000 deep
             node[path[-1]] = raw
     return data
 
@@ -627,6 +745,7 @@ def _apply_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, An
 def parse(data: dict[str, Any], environ: Mapping[str, str] | None = None) -> Config:
     """Validate a config mapping (as read from TOML) plus environment overrides."""
     data = _apply_env(dict(data), os.environ if environ is None else environ)
+    _check_depth(data)
     try:
         return Config.model_validate(data)
     except ValidationError as e:
@@ -651,4 +770,53 @@ def load(path: str | Path, environ: Mapping[str, str] | None = None) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(p), f"not valid TOML: {e}", "fix the syntax at the line shown") from None
+    except RecursionError:  # tomllib recurses once per [ or { level
+        line = _too_deep_line(text)
+        raise ConfigError(f"{p}, line {line}", f"arrays or inline tables nested more than {MAX_CONFIG_DEPTH} deep",
+                          "flatten the value: no setting nests that deep") from None
+    except ValueError:  # int() refuses a decimal number of more than sys.get_int_max_str_digits() digits
+        digits = sys.get_int_max_str_digits()
+        m = re.search(rf"[0-9_]{{{digits + 1},}}", text)
+        line = text.count("\n", 0, m.start()) + 1 if m else "?"
+        raise ConfigError(f"{p}, line {line}", f"an integer of more than {digits} digits cannot be read",
+                          "use a number of sensible size: every setting has a limit far below that") from None
     return parse(data, environ)
+
+
+def _check_depth(data: dict[str, Any]) -> None:
+    """Refuse data nested deeper than MAX_CONFIG_DEPTH (dotted keys a.a.a... make that without brackets), so
+    that nothing downstream recurses into it. Iterative: a recursive walk would fail the way tomllib does."""
+    stack: list[tuple[object, tuple[str, ...]]] = [(data, ())]
+    while stack:
+        node, path = stack.pop()
+        if len(path) > MAX_CONFIG_DEPTH:
+            raise ConfigError(".".join(path[:3]) + ".…", f"nested more than {MAX_CONFIG_DEPTH} deep",
+                              "flatten the value: no setting nests that deep")
+        if isinstance(node, dict):
+            stack.extend((v, (*path, str(k))) for k, v in node.items())
+        elif isinstance(node, list | tuple):
+            stack.extend((v, (*path, str(i))) for i, v in enumerate(node))
+
+
+def _too_deep_line(text: str) -> int | str:
+    """The line where [ and { (outside strings and comments) first nest deeper than MAX_CONFIG_DEPTH."""
+    depth, i, n = 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            i = text.find("\n", i)
+            i = n if i < 0 else i
+        elif c in "\"'":
+            quote = text[i : i + 3] if text[i : i + 3] in ('"""', "'''") else c
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j):
+                j += 2 if c == '"' and text[j] == "\\" else 1
+            i = j + len(quote) - 1
+        elif c in "[{":
+            depth += 1
+            if depth > MAX_CONFIG_DEPTH:
+                return text.count("\n", 0, i) + 1
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return "?"

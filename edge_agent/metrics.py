@@ -13,11 +13,15 @@ from __future__ import annotations
 import contextlib
 import os
 import platform
+import socket
+import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
+from socketserver import ThreadingMixIn
 from typing import TYPE_CHECKING, Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, Info, start_wsgi_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -33,6 +37,51 @@ if TYPE_CHECKING:
 
 # Seconds. A rule-based task takes well under a millisecond per note, the generator seconds per batch.
 _BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+# The endpoint serves a scraper or two: a thread per connection, at most this many at once, each connection
+# given this long to send its request. Connections beyond the bound are closed at once, so 300 idle sockets
+# cost 300 accepts and no thread more (prometheus_client's own server starts a thread for every one).
+MAX_CONNECTIONS = 8
+CONNECTION_TIMEOUT_S = 5.0
+
+
+class _QuietHandler(WSGIRequestHandler):
+    timeout = CONNECTION_TIMEOUT_S  # socketserver applies it to the connection: an idle client is dropped
+
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes are not log lines."""
+
+
+class _BoundedServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+    block_on_close = False
+    request_queue_size = 64  # a burst of connects waits in the kernel's accept queue, not in SYN retries
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self.refused = 0
+        super().__init__(*args, **kwargs)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.refused += 1
+            self.shutdown_request(request)  # full: the scraper retries at its next interval
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self.slots.release()
+            raise
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """An idle client timed out or hung up: socketserver would print a traceback to stderr for it."""
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -94,7 +143,12 @@ class Metrics:
     def serve(self, cfg: MetricsConfig) -> None:
         """Listen on cfg.host:cfg.port (a thread of its own). A port in use is a config error at start."""
         try:
-            self._server, _thread = start_wsgi_server(cfg.port, addr=cfg.host, registry=self.registry)
+            family, _, _, _, sockaddr = socket.getaddrinfo(cfg.host, cfg.port, type=socket.SOCK_STREAM,
+                                                           flags=socket.AI_PASSIVE)[0]
+            server_class = type("_Server", (_BoundedServer,), {"address_family": family})
+            self._server = make_server(sockaddr[0], cfg.port, make_wsgi_app(self.registry), server_class,
+                                       handler_class=_QuietHandler)
+            threading.Thread(target=self._server.serve_forever, name="edge-agent-metrics", daemon=True).start()
         except OSError as e:
             raise ConfigError("metrics.port", f"cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}",
                               "pick a free port, or set [metrics] enabled = false") from None
@@ -143,6 +197,8 @@ class _StateCollector(Collector):
         yield dropped
         yield CounterMetricFamily("edge_agent_outbox_corrupt_files", "Corrupt outbox files moved aside at open",
                                   value=s.corrupt_files)
+        yield CounterMetricFamily("edge_agent_outbox_files_lost", "Outbox files deleted or replaced under the "
+                                  "running daemon (each recreated with the rows it held)", value=s.files_lost)
         yield CounterMetricFamily("edge_agent_results_acked", "Outbox rows (results and dead letters) the uplink "
                                   "broker acknowledged", value=s.accepted)
 

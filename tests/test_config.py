@@ -257,3 +257,89 @@ def test_every_field_invalid_names_its_path_and_a_fix(field: str, path: tuple, v
         config.parse(_set(_base(), path, value), environ={})
     assert ei.value.field == field, str(ei.value)
     assert ei.value.hint and ei.value.hint != config.GENERIC_HINT, str(ei.value)
+
+
+# -- what would fail only at run time fails at load (issue 10, item 12) ------------------------------------
+RUNTIME_TRAPS = [
+    ("[source]\nsession_expiry = 4294967296\n" + ROUTE, "source.session_expiry"),  # CONNECT holds 4 bytes
+    ("[pipeline]\ndrain_timeout_s = inf\n" + ROUTE, "pipeline.drain_timeout_s"),
+    ("[pipeline]\ndrain_timeout_s = nan\n" + ROUTE, "pipeline.drain_timeout_s"),
+    ("[[routes]]\ntopic = \"a\"\nrate_limit = inf\n", "routes.0.rate_limit"),
+    (f'dead_letter_topic = "{"x" * 70_000}"\n' + ROUTE, "dead_letter_topic"),
+    ('dead_letter_topic = "edge/dead\\u0000letter"\n' + ROUTE, "dead_letter_topic"),
+    ('[sink]\nstatus_topic = "edge/\\u0000/{gateway}"\n' + ROUTE, "sink.status_topic"),
+    (f'gateway_id = "{"g" * 64}"\n[sink]\nstatus_topic = "{"s" * 65_500}/{{gateway}}"\n' + ROUTE, "sink.status_topic"),
+    ('[[routes]]\ntopic = "plant/\\u0000/notes"\n', "routes.0.topic"),
+    ('[[routes]]\ntopic = "plant/\\u0007/notes"\n', "routes.0.topic"),
+    (f'[[routes]]\ntopic = "{"é" * 40_000}"\n', "routes.0.topic"),  # 80,000 bytes of UTF-8
+    ('[[routes]]\ntopic = "a"\noutput_topic = "out/\\u0000/{topic}"\n', "routes.0.output_topic"),
+    ('[[routes]]\ntopic = "a"\nreview_topic = "rev/\\u009f/{topic}"\n', "routes.0.review_topic"),
+    ('[tasks.p]\nkind = "patterns"\nasset_patterns = [\'(\\w+\\s?)+$\']\n' + ROUTE, "tasks.p.asset_patterns"),
+    ('[tasks.p]\nkind = "patterns"\ncode_patterns = [\'(a|aa)+$\']\n' + ROUTE, "tasks.p.code_patterns"),
+    ('[tasks.p]\nkind = "patterns"\nasset_patterns = [\'(?:[A-Z]+-)*\\d+\']\n' + ROUTE, "tasks.p.asset_patterns"),
+]
+
+
+@pytest.mark.parametrize(("text", "field"), RUNTIME_TRAPS, ids=[f for _, f in RUNTIME_TRAPS])
+def test_runtime_traps_rejected_at_load(tmp_path: Path, text: str, field: str) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_text(tmp_path, text)
+    assert ei.value.field == field, str(ei.value)
+    assert ei.value.hint and ei.value.hint != config.GENERIC_HINT, str(ei.value)
+
+
+@pytest.mark.parametrize("cmd", ["check-config", "run"])
+def test_cli_exit_2_on_runtime_traps(tmp_path: Path, cmd: str) -> None:
+    """The CLI path, start included: exit 2 naming the field, never a traceback and never a daemon that starts."""
+    for i, (text, field) in enumerate(RUNTIME_TRAPS[:1] + RUNTIME_TRAPS[1:][::5]):
+        p = tmp_path / f"{i}.toml"
+        p.write_text(text)
+        r = run_cli(cmd, "--config", str(p))
+        assert r.returncode == 2, (field, r.stderr[-2000:])
+        assert field in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("x = " + "[" * 5000 + "]" * 5000 + "\n" + ROUTE, "line 1"),
+        (ROUTE + "\n# [[[ in a comment\ns = '[[[['\nx = " + "{a=" * 5000 + "1" + "}" * 5000 + "\n", "line 6"),
+        (ROUTE + "\n\nx = " + "1" * 5000 + "\n", "line 5"),
+        ("[source]\nport = " + "9" * 5000 + "\n" + ROUTE, "line 2"),
+        ("a" + ".a" * 5000 + " = 1\n" + ROUTE, "a.a.a"),
+    ],
+    ids=["array-5000-deep", "table-5000-deep", "int-5000-digits", "port-5000-digits", "dotted-key-5000-deep"],
+)
+def test_cli_exit_2_on_toml_bombs(tmp_path: Path, text: str, where: str) -> None:
+    p = tmp_path / "bomb.toml"
+    p.write_text(text)
+    for cmd in ("check-config", "run"):
+        r = run_cli(cmd, "--config", str(p))
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert where in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_env_override_too_long_to_parse_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as ei:
+        load_text(tmp_path, ROUTE, {"EDGE_AGENT__SOURCE__PORT": "9" * 5000})
+    assert ei.value.field == "source.port"
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"(a+)+$", r"(\w+\s?)*$", r"(a|aa)+$", r"(a.|.a)+$", r"(?:a+){3}x", r"(?:(a+)+b)++", r"(?>(a*)*b)",
+     r"((?:a|b)+c?)+$", r"(?=(a+)+$)"],
+)
+def test_backtracking_patterns_refused(pattern: str) -> None:
+    assert config._backtracking_risk(pattern)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [config.PatternsTaskConfig().asset_patterns[0], config.PatternsTaskConfig().code_patterns[0],
+     r"\b(?:P|M|HX|V|C)-?\d{2,4}[A-Z]?\b", r"(a|a)+", r"(?:\w++\s?+)+$", r"(?>\w+\s?)+$", r"(?:ab){2,5}",
+     r"[A-Z]+-\d+", r"(?:[A-Z]++-)*+\d+"],
+)
+def test_safe_patterns_accepted(pattern: str) -> None:
+    assert config._backtracking_risk(pattern) is None
+

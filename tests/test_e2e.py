@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import config
 from edge_agent.outbox.store import Outbox
 
 from .conftest import Broker, wait_for, write_config
@@ -326,3 +327,66 @@ tasks = ["patterns", "category", "logs"]
     for input_id, r in by_id.items():
         unsure = r["results"]["category"]["review"]
         assert topics[input_id] == ("edge/review/plant/l1/notes" if unsure else "edge/results/plant/l1/notes")
+
+
+
+def test_broker_that_drops_us_after_connack_is_retried_with_back_off(tmp_path: Path, broker, uplink,
+                                                                    spawn_agent) -> None:
+    """A real Mosquitto that accepts the sink (CONNACK) and drops it right after: another client keeps taking
+    the sink's client id over, coming back 50 ms after each time the sink takes it back. paho resets its
+    delay at each CONNACK, so the sink came back every reconnect_min_delay (1 s) forever: ~15 times in
+    15 s. Now each short-lived connection doubles the delay, capped: 1, 2, 4, 8, 8 s."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+    from .conftest import log_events
+
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
+    text = cfg.read_text().replace("reconnect_min_delay = 0.1\nreconnect_max_delay = 0.5\nreplay_rate",
+                                   "reconnect_min_delay = 1\nreconnect_max_delay = 8\nreplay_rate")
+    assert text != cfg.read_text()
+    cfg.write_text(text)
+    log = tmp_path / "agent.log"
+    agent = spawn_agent(cfg, log)
+    assert wait_for(lambda: "as edge-agent-gw-test-sink" in uplink.log(), timeout=60), log.read_text()
+
+    kicked: list[float] = []  # each time the sink came back and took the id from the rogue
+    rogue = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="edge-agent-gw-test-sink",
+                        protocol=MQTTProtocolVersion.MQTTv5)
+    rogue.reconnect_delay_set(0.05, 0.05)
+    rogue.on_disconnect = lambda *_: kicked.append(time.monotonic())
+    rogue.connect_async("127.0.0.1", uplink.port, keepalive=10)
+    rogue.loop_start()
+    try:
+        time.sleep(16)
+    finally:
+        rogue.disconnect()
+        rogue.loop_stop()
+    assert len(kicked) <= 6, f"the sink came back {len(kicked)} times in 16 s: no back-off"
+    assert len(kicked) >= 2  # it does come back, though
+    warned = log_events(log, "sink.unstable")
+    assert [e["retry_in_s"] for e in warned][:3] == [2.0, 4.0, 8.0], warned
+    assert agent.alive()
+
+def test_reconnect_backoff_resets_after_a_stable_connection() -> None:
+    from edge_agent.mqtt.client import STABLE_AFTER_S, ReconnectBackoff
+
+    class Client:
+        delays: list[float] = []  # noqa: RUF012 (one instance)
+
+        def reconnect_delay_set(self, lo: float, hi: float) -> None:
+            self.delays.append(lo)
+
+    now = [0.0]
+    cfg = config.parse({"routes": [{"topic": "a"}], "sink": {"reconnect_min_delay": 1, "reconnect_max_delay": 8}},
+                       environ={}).sink
+    b = ReconnectBackoff(Client(), cfg, "sink", clock=lambda: now[0])  # type: ignore[arg-type]
+    for _ in range(5):  # up for 0.1 s each time
+        b.connected()
+        now[0] += 0.1
+        b.disconnected()
+    assert Client.delays == [2, 4, 8, 8, 8]
+    assert b.disconnected() == 8  # a failed attempt in between changes nothing (paho doubles those itself)
+    b.connected()
+    now[0] += STABLE_AFTER_S
+    assert b.disconnected() == 1 and Client.delays[-1] == 1

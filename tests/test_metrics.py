@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from pathlib import Path
 
@@ -201,3 +202,85 @@ def test_dead_letters_counted_by_their_kind_and_ignored_payloads_per_route() -> 
     assert got[("edge_agent_messages_in_total", (("route", "a/+"),))] == 3.0
     assert not any(name == "edge_agent_dead_lettered_total" and dict(labels)["reason"] == "other"
                    for name, labels in got)
+
+
+def test_idle_connections_cost_a_bounded_number_of_threads(tmp_path: Path, broker, spawn_agent) -> None:
+    """300 idle TCP connections to the endpoint of the real daemon: at most MAX_CONNECTIONS threads more,
+    and a scrape gets through once the idle ones have timed out (prometheus_client's server: 300 threads)."""
+    from edge_agent import metrics
+
+    max_connections = getattr(metrics, "MAX_CONNECTIONS", 8)
+    idle_timeout = getattr(metrics, "CONNECTION_TIMEOUT_S", 5.0)
+    port = free_port()
+    log = tmp_path / "agent.log"
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
+                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
+    agent = spawn_agent(cfg, log)
+    assert wait_for(lambda: accepting(port), timeout=60), log.read_text()
+    assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="sink") == 1.0, timeout=30)
+    tasks = Path(f"/proc/{agent.proc.pid}/task")
+
+    def threads() -> int:
+        return len(list(tasks.iterdir()))
+
+    before = threads()
+    idle = []
+    try:
+        for _ in range(300):
+            idle.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+        time.sleep(1.0)  # let the daemon accept them all
+        assert threads() <= before + max_connections, (before, threads())
+        ok = wait_for(lambda: _scrapes(port), timeout=idle_timeout * 3, interval=0.5)
+        assert ok, "no scrape got through after the idle connections timed out"
+    finally:
+        for s in idle:
+            s.close()
+    assert wait_for(lambda: threads() <= before, timeout=idle_timeout * 3)
+    assert "Traceback" not in log.read_text()
+
+
+def _scrapes(port: int) -> bool:
+    try:
+        return value(scrape(port), "edge_agent_connected", connection="source") is not None
+    except OSError:
+        return False
+
+
+def test_sink_on_mqtt_311_warns_that_refused_results_are_lost(tmp_path: Path, broker, collect, spawn_agent,
+                                                              publisher) -> None:
+    """The loss this warns about, pinned with a real Mosquitto ACL: with sink.protocol = "3.1.1" the broker
+    PUBACKs the 5 refused results (3.1.1 has no reason code), so they leave the outbox and nobody gets them.
+    check-config and the daemon's start both say so and recommend MQTT 5 (see the MQTT 5 test above)."""
+    uplink = Broker(tmp_path / "uplink")
+    acl = uplink.dir / "acl"
+    acl.write_text("topic read #\ntopic write edge/status/#\n")
+    with uplink.conf.open("a") as f:
+        f.write(f"acl_file {acl}\n")
+    uplink.start()
+    port = free_port()
+    log = tmp_path / "agent.log"
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
+                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
+    cfg.write_text(cfg.read_text().replace("[sink]\n", '[sink]\nprotocol = "3.1.1"\n'))
+    checked = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(cfg)], cwd=REPO,
+                             capture_output=True, text=True, timeout=60)
+    assert checked.returncode == 0 and 'warning: sink.protocol = "3.1.1"' in checked.stdout
+    assert 'sink.protocol = \\"5\\"' in checked.stdout or 'sink.protocol = "5"' in checked.stdout
+    results = collect(uplink.port, "edge/results/#")
+    spawn_agent(cfg, log)
+    try:
+        assert wait_for(lambda: log_events(log, "sink.protocol_3_1_1"), timeout=60), log.read_text()
+        assert "MQTT 5" in log_events(log, "sink.protocol_3_1_1")[0]["hint"]
+        assert wait_for(lambda: accepting(port), timeout=60)
+        assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="sink") == 1.0, timeout=30)
+        assert wait_for(lambda: "plant/+/notes" in broker.log(), timeout=30)
+        pub = publisher(broker.port)
+        for i in range(5):
+            pub.note("plant/line1/notes", i)
+        assert wait_for(lambda: value(scrape(port), "edge_agent_results_acked_total") == 5.0, timeout=30)
+        s = scrape(port)
+        assert value(s, "edge_agent_outbox_rows") == 0.0 and value(s, "edge_agent_results_rejected_total") == 0.0
+        time.sleep(1.0)
+        assert results.json() == []  # lost: what the warning is for
+    finally:
+        uplink.stop()

@@ -579,3 +579,106 @@ def test_a_version_1_outbox_is_migrated_with_its_rows(tmp_path: Path) -> None:
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA user_version").fetchone()[0] == 2
     raw.close()
+
+
+def _remove_outbox_files(db: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{db}{suffix}").unlink(missing_ok=True)
+
+
+def test_deleted_file_is_noticed_and_recreated_with_its_rows(tmp_path: Path) -> None:
+    """rm outbox.db* under the open outbox: check_file notices, counts and logs it, and the rows (seqs kept,
+    and the seq high-water mark) are in a new file at the path, where another reader sees them."""
+    from structlog.testing import capture_logs
+
+    with make(tmp_path) as ob:
+        ob.put_many([row(i) for i in range(5)])
+        ob.accept([1])  # seq 1 gone: the new file must not reuse it
+        assert ob.check_file()
+        _remove_outbox_files(tmp_path / "outbox.db")
+        with capture_logs() as logs:
+            assert not ob.check_file()
+        assert [e["event"] for e in logs if e["log_level"] == "error"] == ["outbox.file_lost"]
+        assert logs[0]["how"] == "deleted" and logs[0]["rows"] == 4
+        assert (tmp_path / "outbox.db").exists() and ob.check_file()
+        assert [r.seq for r in ob.batch(10)] == [2, 3, 4, 5]
+        assert ob.put_many([row(9)]) == 6
+        s = ob.stats()
+        assert (s.count, s.files_lost) == (5, 1)
+    with make(tmp_path) as again:  # what the next start (or `outbox stats`) finds
+        assert [r.seq for r in again.batch(10)] == [2, 3, 4, 5, 6] and again.max_seq() == 6
+
+
+def test_replaced_file_is_moved_aside_never_deleted(tmp_path: Path) -> None:
+    db = tmp_path / "outbox.db"
+    with make(tmp_path) as ob:
+        ob.put_many([row(i) for i in range(3)])
+        stranger = tmp_path / "other.db"
+        stranger.write_bytes(b"someone else's file")
+        _remove_outbox_files(db)
+        stranger.rename(db)
+        assert not ob.check_file()
+        aside = [p for p in tmp_path.iterdir() if ".replaced-" in p.name]
+        assert len(aside) == 1 and aside[0].read_bytes() == b"someone else's file"
+        assert [r.seq for r in ob.batch(10)] == [1, 2, 3] and ob.stats().files_lost == 1
+
+
+@pytest.mark.parametrize("case", ["parent-is-a-file", "read-only-fs"])
+def test_unusable_outbox_path_is_a_config_error_naming_it(tmp_path: Path, case: str) -> None:
+    """`edge-agent run` exits 2 naming outbox.path, with a fix, instead of a traceback."""
+    import subprocess
+    import sys
+
+    from .conftest import REPO, free_port, write_config
+
+    if case == "parent-is-a-file":
+        (tmp_path / "afile").write_text("x")
+        db = tmp_path / "afile" / "outbox.db"
+    else:
+        mnt = tmp_path / "ro"
+        mnt.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mnt)], capture_output=True)
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+        db = mnt / "outbox.db"
+    try:
+        cfg = write_config(tmp_path / "c.toml", source_port=free_port(), sink_port=free_port(), outbox=db)
+        r = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=60)
+    finally:
+        if case == "read-only-fs":
+            subprocess.run(["umount", "-l", str(mnt)], check=False)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "outbox.path" in r.stderr and "fix:" in r.stderr and "Traceback" not in r.stdout + r.stderr
+
+
+def test_wall_clock_step_never_expires_rows_early(tmp_path: Path) -> None:
+    """A 40-day forward step (wall clock only; the monotonic clock counts what really passed) moves every
+    row's created_at with it: nothing expires for the step, rows expire once max_age has really passed."""
+    from structlog.testing import capture_logs
+
+    wall, mono = FakeClock(T0), FakeClock(1000.0)
+    ob = Outbox(OutboxConfig(path=tmp_path / "outbox.db", max_age_s=3600), clock=wall, monotonic=mono).open()
+    try:
+        ob.put_many([row(i) for i in range(3)])
+        wall.t += 600
+        mono.t += 600
+        ob.put_many([row(3)])  # 10 min later: no step
+        wall.t += 40 * 86400  # NTP steps the clock 40 days ahead
+        with capture_logs() as logs:
+            assert ob.expire() == 0
+        steps = [e for e in logs if e["event"] == "outbox.clock_step"]
+        assert len(steps) == 1 and steps[0]["rows_restamped"] == 4 and steps[0]["step_s"] == 40 * 86400
+        wall.t += 3001
+        mono.t += 3001  # 3,601 s after the first three rows
+        assert ob.expire() == 3  # ... which go now, and only they
+        wall.t += 600
+        mono.t += 600
+        assert ob.expire() == 1
+        wall.t -= 7 * 86400  # and a backward step: rows do not live on for it either
+        ob.put_many([row(9)])
+        wall.t += 3601
+        mono.t += 3601
+        assert ob.expire() == 1
+    finally:
+        ob.close()

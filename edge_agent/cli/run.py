@@ -20,6 +20,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # Outside the service there are no systemd credentials to read: say so rather than fail.
     has_creds = bool(os.environ.get("CREDENTIALS_DIRECTORY"))
     preflight(cfg, credentials=has_creds)
+    if cfg.sink.protocol == "3.1.1":
+        from ..mqtt.sink import SINK_311_HINT
+
+        print(f"warning: sink.protocol = \"3.1.1\": {SINK_311_HINT}")
     if not has_creds and any(b.password_credential for b in (cfg.source, cfg.sink)):
         print("note: password_credential not checked (CREDENTIALS_DIRECTORY is set only inside the service)")
     print(

@@ -9,6 +9,8 @@ connection in errors and logs.
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import paho.mqtt.client as mqtt
@@ -65,6 +67,43 @@ def make_client(
     if will is not None:
         client.will_set(will.topic, will.payload, qos=1, retain=will.retain)
     return client
+
+
+STABLE_AFTER_S = 60.0  # a connection up this long was a real one: the next loss retries at the minimum delay
+
+
+class ReconnectBackoff:
+    """Back-off across connections that the broker accepts and then drops at once.
+
+    paho doubles its delay only across failed attempts and resets it at every successful CONNACK, so a broker
+    that sends CONNACK and closes (a quota, a packet-size limit, a client-id takeover, a proxy) is retried
+    every `reconnect_min_delay` forever. Each connection that stayed up less than STABLE_AFTER_S doubles the
+    delay paho starts from (capped at `reconnect_max_delay`); one that stayed up longer resets it.
+    Call `connected()` from on_connect (success) and `disconnected()` from on_disconnect.
+    """
+
+    def __init__(self, client: mqtt.Client, cfg: BrokerConfig, name: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._client, self._cfg, self._name, self._clock = client, cfg, name, clock
+        self.delay = cfg.reconnect_min_delay
+        self._up_since: float | None = None
+
+    def connected(self) -> None:
+        self._up_since = self._clock()
+
+    def disconnected(self) -> float:
+        """The delay paho waits before the next attempt (set on the client)."""
+        if self._up_since is None:
+            return self.delay  # not up since the last loss: paho's own doubling applies
+        up_for, self._up_since = self._clock() - self._up_since, None
+        if up_for >= STABLE_AFTER_S:
+            self.delay = self._cfg.reconnect_min_delay
+        else:
+            self.delay = min(self.delay * 2, self._cfg.reconnect_max_delay)
+            log.warning(f"{self._name}.unstable", host=self._cfg.host, port=self._cfg.port, up_for_s=round(up_for, 3),
+                        retry_in_s=self.delay, hint="the broker accepted us and dropped the connection: see its log")
+        self._client.reconnect_delay_set(self.delay, self._cfg.reconnect_max_delay)
+        return self.delay
 
 
 def connect_async(

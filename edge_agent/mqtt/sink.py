@@ -28,11 +28,15 @@ from ..errors import DeadLetterKind, OutboxError
 from ..outbox.store import Outbox, Record
 from ..ratelimit import TokenBucket
 from ..results import deadletter_payload, mark_replayed, result_id
-from .client import Will, connect_async, is_failure, make_client, refused_hint
+from .client import ReconnectBackoff, Will, connect_async, is_failure, make_client, refused_hint
 
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY_S = 5.0
+# MQTT 3.1.1 has no reason code in PUBACK: a broker that refuses a publish (an ACL) acknowledges it all the
+# same (Mosquitto does), so the row is deleted as delivered and the result is lost without a trace.
+SINK_311_HINT = ("with MQTT 3.1.1 a publish the uplink broker refuses (ACL) is acknowledged all the same and the "
+                 "result deleted unseen: set sink.protocol = \"5\" (MQTT 5 reports the refusal; the row stays)")
 
 
 def packet_bytes(topic: str, payload: bytes, v5: bool) -> int:
@@ -69,6 +73,7 @@ class Sink:
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
         self._client.on_publish = self._on_publish
+        self._backoff = ReconnectBackoff(self._client, cfg, "sink")
         self._settled: collections.deque[tuple[int, object]] = collections.deque()  # (mid, reason) from paho
         # Owned by the dispatcher thread alone:
         self._inflight: dict[int, _Inflight] = {}
@@ -113,6 +118,7 @@ class Sink:
         announced = getattr(_p, "MaximumPacketSize", None) if _p is not None else None
         if announced:
             self._max_packet = min(announced, self._cfg.max_packet_bytes or announced)
+        self._backoff.connected()
         client.publish(self.status_topic, self._status(True), qos=1, retain=True)
         self._new_connection = True
         self._connected.set()
@@ -124,6 +130,7 @@ class Sink:
             self.reconnects += 1
             log.warning("sink.disconnected", reason=str(rc), inflight=len(self._inflight))
         self._connected.clear()
+        self._backoff.disconnected()
 
     def _on_publish(self, _c: mqtt.Client, _u: object, mid: int, rc: object, _p: object = None) -> None:
         # Runs under paho's message mutex: take no lock of ours here (publish() needs paho's mutex while
@@ -239,6 +246,8 @@ class Sink:
 
     # lifecycle --------------------------------------------------------------------------------
     def start(self) -> None:
+        if self._cfg.protocol == "3.1.1":
+            log.warning("sink.protocol_3_1_1", host=self._cfg.host, port=self._cfg.port, hint=SINK_311_HINT)
         connect_async(self._client, self._cfg, persistent=False)
         self._client.loop_start()
         self._thread = threading.Thread(target=self._run, name="edge-agent-sink", daemon=True)

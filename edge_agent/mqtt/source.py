@@ -25,7 +25,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from ..config import RouteConfig, SourceConfig
 from ..message import Inbound
-from .client import connect_async, is_failure, make_client, refused_hint
+from .client import ReconnectBackoff, connect_async, is_failure, make_client, refused_hint
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +49,7 @@ class Source:
         self._client.on_disconnect = self._on_disconnect
         self._client.on_message = self._on_message
         self._client.on_subscribe = self._on_subscribe
+        self._backoff = ReconnectBackoff(self._client, cfg, "source")
         self._accepting = threading.Event()
         self.connected = threading.Event()
         self.subscribed = threading.Event()  # the broker granted every filter once: intake works (READY)
@@ -67,6 +68,7 @@ class Source:
                 hint=refused_hint("source", rc),
             )
             return
+        self._backoff.connected()
         if self._cfg.share_group:
             # A session from before the group was configured may still hold the plain filters: with them,
             # this member would get every message on top of its share.
@@ -104,6 +106,7 @@ class Source:
             self.reconnects += 1
             log.warning("source.disconnected", reason=str(rc))
         self.connected.clear()
+        self._backoff.disconnected()
 
     def _on_message(self, _c: mqtt.Client, _u: object, msg: mqtt.MQTTMessage) -> None:
         item = Inbound(msg.topic, msg.payload, msg.mid, msg.qos, time.time())

@@ -83,6 +83,11 @@ _CHUNK = 500  # host parameters per IN (...) list; old SQLite builds cap them at
 # floor, TIME_EPOCH): a created_at below it, or a clock reading below it, is an unset clock, not an age.
 PLAUSIBLE_AFTER = 1_735_689_600.0
 
+# The wall clock moved this much more (or less) than the monotonic clock between two readings: a step (NTP
+# after an outage, an operator's `date -s`, a wrong RTC corrected), not time that passed. NTP slews small
+# errors at most 500 ppm, far below this.
+STEP_TOLERANCE_S = 60.0
+
 # Opening is retried only while another process holds the file locked (a backup, an operator's sqlite3
 # shell). Module-level so tests can shorten them.
 OPEN_ATTEMPTS = 4
@@ -160,6 +165,7 @@ class OutboxStats:
     dropped_dead_letter_max_bytes: int = 0
     dead_letters: int = 0  # dead-letter rows among `count`, and their bytes among `bytes`
     dead_letter_bytes: int = 0
+    files_lost: int = 0  # times the file was deleted or replaced under us (and recreated, rows kept)
 
 
 class _CorruptFile(Exception):
@@ -167,10 +173,15 @@ class _CorruptFile(Exception):
 
 
 class Outbox:
-    def __init__(self, cfg: OutboxConfig, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, cfg: OutboxConfig, *, clock: Callable[[], float] = time.time,
+                 monotonic: Callable[[], float] | None = None) -> None:
         self._cfg = cfg
         self._path = Path(cfg.path)
         self._clock = clock
+        # Ages count monotonic time within a run. A wall clock given without a monotonic one (tests that move a
+        # fake clock to stand for time passing) is trusted as is.
+        self._monotonic = monotonic if monotonic is not None else (time.monotonic if clock is time.time else None)
+        self._reading: tuple[float, float] | None = None  # (wall, monotonic) at the last stamp or expiry
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         # Kept in memory so that the bound check in put_many costs nothing; recomputed at open().
@@ -178,6 +189,8 @@ class Outbox:
         self._added = self._accepted = self._dropped = self._corrupt_files = 0
         self._dropped_bytes = self._dropped_age = self._dropped_dead = 0
         self._clock_unset_logged = False
+        self._file_id: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we opened
+        self._files_lost = 0
 
     def open(self) -> Outbox:
         with self._lock:
@@ -188,7 +201,8 @@ class Outbox:
             try:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             except OSError as e:
-                raise OutboxError(f"cannot create outbox directory {self._path.parent}: {e.strerror}") from e
+                raise OutboxError(f"outbox.path: cannot create outbox directory {self._path.parent}: {e.strerror}"
+                                  ) from e
             _sync_dir_names(self._path.parent)
             retrying = tenacity.Retrying(
                 retry=tenacity.retry_if_exception_type(TransientError),
@@ -202,7 +216,32 @@ class Outbox:
             except TransientError as e:
                 raise OutboxError(f"outbox {self._path} stayed locked by another process: {e}") from e
             self._conn = conn
+            self._file_id = self._identity()
         return self
+
+    def check_file(self) -> bool:
+        """True while the file at the outbox's path is the one we have open. When it was deleted (an operator's
+        `rm`, a cleanup script) or replaced under the running daemon, the rows would live on only in an
+        unlinked inode, invisible to `outbox stats`, and be gone at the next start: log it, count it, and
+        recreate the file at the path with every row we hold (same seqs, so the sink's cursors stay right).
+        A file put in our place is moved aside as `<outbox>.replaced-<UTC time>`, never deleted."""
+        with self._lock:
+            conn = self._require_open()
+            try:
+                found = self._identity()
+            except OSError as e:
+                log.warning("outbox.check_failed", path=str(self._path), error=e.strerror)
+                return True  # cannot tell (EIO, EACCES): keep going, try again next time
+            if found == self._file_id:
+                return True
+            how = "deleted" if found is None else "replaced"
+            self._files_lost += 1
+            log.error("outbox.file_lost", path=str(self._path), how=how, rows=self._count,
+                      hint="recreated at the same path with the rows the daemon held; stop the daemon before "
+                           "removing or restoring the outbox (edge-agent outbox purge deletes rows safely)")
+            self._recreate(conn, how)
+            return False
+
 
     def close(self) -> None:
         with self._lock:
@@ -230,15 +269,16 @@ class Outbox:
         """
         if not rows and not dead and not recent and not meta and not feedback:
             return self.max_seq()
-        now = self._clock()
-        params = [(rid, topic, len(payload) + len(topic.encode()), now, 0, payload) for rid, topic, payload in rows]
-        params += [(rid, topic, len(payload) + len(topic.encode()), now, 1, payload) for rid, topic, payload in dead]
-        added_dead = sum(p[2] for p in params[len(rows):])
-        added_results = sum(p[2] for p in params[: len(rows)])
         with self._lock:
             conn = self._require_open()
+            now, step, mono = self._read_clock()
+            params = [(rid, topic, len(payload) + len(topic.encode()), now, int(is_dead), payload)
+                      for is_dead, batch in ((False, rows), (True, dead)) for rid, topic, payload in batch]
+            added_dead = sum(p[2] for p in params[len(rows):])
+            added_results = sum(p[2] for p in params[: len(rows)])
             results_bytes = self._bytes - self._dead_bytes
             with self._transaction(conn, "append"):
+                moved = self._restamp(conn, step)
                 if params:
                     conn.executemany(
                         "INSERT INTO outbox (id, topic, size, created_at, dead, payload) VALUES (?,?,?,?,?,?)", params
@@ -268,6 +308,9 @@ class Outbox:
             self._dropped_bytes += dropped
             self._dropped_dead += dropped_dead
             self._max_seq = last
+            self._reading = (now, mono)  # only once the restamp is committed: a failed one is retried
+        if step:
+            self._log_step(step, moved)
         if dropped:
             log.warning("outbox.dropped", count=dropped, reason="max_bytes", max_bytes=self._cfg.max_bytes)
         if dropped_dead:
@@ -283,8 +326,19 @@ class Outbox:
         clock get "now" as their created_at, so their age counts from the first trustworthy reading
         (never early; at worst max_age_s late). Rows stamped after a backward jump sit in the future
         and are younger than any cutoff, so they stay.
+
+        Within a run a step of the clock (a reading that moved more than STEP_TOLERANCE_S away from the time
+        the monotonic clock says passed, e.g. 40 days ahead) moves every row's created_at by the same step,
+        so ages keep counting real time and nothing expires early or late for it (`outbox.clock_step`).
         """
-        now = self._clock()
+        with self._lock:
+            conn = self._require_open()
+            now, step, mono = self._read_clock()
+            if step:
+                with self._transaction(conn, "restamp"):
+                    moved = self._restamp(conn, step)
+                self._log_step(step, moved)
+            self._reading = (now, mono)
         if now < PLAUSIBLE_AFTER:
             if not self._clock_unset_logged:
                 self._clock_unset_logged = True
@@ -410,9 +464,73 @@ class Outbox:
             oldest = self._require_open().execute("SELECT MIN(created_at) FROM outbox").fetchone()[0]
             return OutboxStats(self._count, self._bytes, oldest, self._added, self._accepted,
                                self._dropped, self._corrupt_files, self._path, self._dropped_bytes, self._dropped_age,
-                               self._dropped_dead, self._dead, self._dead_bytes)
+                               self._dropped_dead, self._dead, self._dead_bytes, self._files_lost)
 
     # -- internals (callers hold self._lock) -------------------------------------------------------
+
+    def _read_clock(self) -> tuple[float, float, float]:
+        """(wall clock now, its step since the last committed reading or 0.0 when it did not step, monotonic
+        now). The caller stores (now, monotonic) as the reading once its transaction has committed."""
+        now = self._clock()
+        if self._monotonic is None:
+            return now, 0.0, 0.0
+        mono = self._monotonic()
+        if self._reading is None:
+            return now, 0.0, mono
+        step = (now - self._reading[0]) - (mono - self._reading[1])
+        return now, (step if abs(step) > STEP_TOLERANCE_S else 0.0), mono
+
+    @staticmethod
+    def _restamp(conn: sqlite3.Connection, step: float) -> int:
+        """Move every row's created_at by the clock's step (inside the caller's transaction)."""
+        if not step:
+            return 0
+        return conn.execute("UPDATE outbox SET created_at = created_at + ?", (step,)).rowcount
+
+    @staticmethod
+    def _log_step(step: float, moved: int) -> None:
+        log.warning("outbox.clock_step", step_s=round(step, 3), rows_restamped=moved,
+                    hint="the wall clock stepped; row ages count the time that really passed")
+
+    def _identity(self) -> tuple[int, int] | None:
+        """(st_dev, st_ino) of the file now at the path (symlinks followed), None when there is none."""
+        try:
+            st = os.stat(self._path)
+        except FileNotFoundError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def _recreate(self, conn: sqlite3.Connection, how: str) -> None:
+        """Copy the open database (the lost inode, WAL included) to a new file at the path, then reopen it.
+
+        Order matters: SQLite deletes `<path>-wal` by name when its last connection closes, so the old
+        connection is closed before anything of ours appears under the path again."""
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        tmp = self._path.with_name(f"{self._path.name}.recover-{stamp}")
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            if how == "replaced":
+                aside = self._path.with_name(f"{self._path.name}.replaced-{stamp}")
+                self._path.rename(aside)
+                log.error("outbox.moved_aside", path=str(self._path), moved_to=str(aside))
+            copy = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                conn.backup(copy)  # a consistent snapshot: every committed row, seqs and sqlite_sequence kept
+            finally:
+                copy.close()
+        except (OSError, sqlite3.Error) as e:
+            raise OutboxError(f"outbox {self._path} was {how} and cannot be recreated: {e}") from e
+        conn.close()
+        self._conn = None
+        os.replace(tmp, self._path)
+        dir_fd = os.open(self._path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # the new name survives a power cut
+        finally:
+            os.close(dir_fd)
+        self._conn = self._connect_or_quarantine()
+        self._file_id = self._identity()
+        log.warning("outbox.recreated", path=str(self._path), rows=self._count, max_seq=self._max_seq)
 
     def _require_open(self) -> sqlite3.Connection:
         if self._conn is None:
