@@ -55,10 +55,10 @@ def test_node_red_flow_publishes_notes_and_shows_results_and_review() -> None:
     nodes = flow()
     outs = {n["topic"] for n in nodes if n["type"] == "mqtt out"}
     ins = {n["topic"]: n for n in nodes if n["type"] == "mqtt in"}
-    assert outs == {"plant/line1/notes"}
+    assert outs == {"plant/line1/notes", "edge/feedback/gw-local", "edge/digest/gw-local/request"}
     assert {"edge/results/#", "edge/review/#", "edge/deadletter"} <= set(ins)
     by_id = {n["id"]: n for n in nodes}
-    for topic in ("edge/results/#", "edge/review/#", "edge/deadletter"):
+    for topic in ("edge/results/#", "edge/review/#", "edge/deadletter", "edge/digest/+"):
         assert ins[topic]["datatype"] == "json"
         # Every subscription ends, possibly through a function, in a debug node.
         frontier = [t for port in ins[topic]["wires"] for t in port]
@@ -73,11 +73,13 @@ def test_node_red_flow_publishes_notes_and_shows_results_and_review() -> None:
     assert maker["type"] == "function" and by_id[maker["wires"][0][0]]["topic"] == "plant/line1/notes"
 
 
-def _run_function(node: dict[str, Any], msg: dict[str, Any], tmp_path: Path) -> dict[str, Any]:
+def _run_function(node: dict[str, Any], msg: dict[str, Any], tmp_path: Path,
+                  flow_context: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run a function node's body in node.js with Node-RED's msg/node/context, as the runtime calls it."""
     src = tmp_path / f"{node['id']}.js"
     src.write_text(
         "const store = {}; const context = {get: (k) => store[k], set: (k, v) => { store[k] = v; }};\n"
+        f"const flow = {{get: (k) => ({json.dumps(flow_context or {})})[k], set: () => {{}}}};\n"
         "const node = {status: () => {}, warn: console.error, error: console.error};\n"
         f"function f(msg) {{\n{node['func']}\n}}\n"
         f"process.stdout.write(JSON.stringify(f({json.dumps(msg)})));\n"
@@ -99,6 +101,28 @@ def test_node_red_functions_make_a_routable_note_and_summarise_a_real_result(tmp
     assert out["payload"]["category"] == f"{cat['label']} {round(100 * cat['score'])}%"
     assert out["payload"]["input_id"] == sample["input_id"] and out["payload"]["review"] is True
     assert out["payload"]["codes"] == [c["text"] for c in sample["results"]["patterns"]["codes"]]
+
+
+@pytest.mark.skipif(NODE is None, reason="node (node.js) not installed")
+def test_node_red_correction_and_digest_nodes_speak_the_contracts(tmp_path: Path) -> None:
+    """The correction the button sends is one edge-agent accepts; the digest request parses; the view reads a
+    real digest."""
+    from edge_agent.config import DigestConfig
+    from edge_agent.digest import Digester
+    from edge_agent.feedback import parse
+    from edge_agent.pipeline import _instant
+
+    by_name = {n["name"]: n for n in flow() if n["type"] == "function"}
+    sample = _telegraf_sample()
+    fix = _run_function(by_name["make correction"], {"payload": 0}, tmp_path, {"last_result_id": sample["id"]})
+    tasks = {"category": type("T", (), {"labels": ["leak", "vibration"]})()}
+    c = parse(json.dumps(fix["payload"]).encode(), tasks, lambda _: False, {sample["id"]: json.dumps(sample)}.get)
+    assert (c.result_id, c.label, c.text) == (sample["id"], "leak", sample["text"])
+    req = _run_function(by_name["digest request"], {"payload": 0}, tmp_path)["payload"]
+    assert _instant(req["to"]) - _instant(req["from"]) == 8 * 3600 and req["request_id"].startswith("nodered-")
+    digest = Digester(DigestConfig(enabled=True), "gw-local").build([json.dumps(sample).encode()], 0, 4e9)
+    view = _run_function(by_name["digest view"], {"payload": digest}, tmp_path)["payload"]
+    assert view["notes"] == 1 and len(view["items"]) == 1 and sample["input_id"] in view["items"][0]
 
 
 def _telegraf_sample() -> dict[str, Any]:
