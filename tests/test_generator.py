@@ -309,3 +309,30 @@ def test_generation_reports_progress_for_the_watchdog(task: GeneratorTask) -> No
     with progress(lambda: beats.append(0.0)):
         task.process([Note(text=t, topic="plant/l1/notes") for t in NOTES[:2]])
     assert len(beats) >= len(FIELDS)  # at least one group per field
+
+
+@pytest.mark.parametrize("model", [MODEL, QWEN], ids=["smollm2", "qwen0.5b"])
+def test_cli_predict_writes_one_result_per_input_line(model: Path) -> None:
+    """`edge-agent generator predict`: JSONL {"text"} in, the task's result per line out, same order."""
+    import os
+    import subprocess
+    import sys
+
+    if not (model / "manifest.json").exists():
+        pytest.skip(f"no model at {model}")
+    lines = [json.dumps({"text": "Conveyor belt torn near tail pulley, replace belt"}), "not json",
+             json.dumps({"text": "change out hydraulic hose on loader", "id": 7})]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "edge_agent", "generator", "predict", "--model", str(model),
+                           "--fields", "asset,action", "--threads", "1"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(out) == 3 and "error" in out[1]
+    for text, res in ((json.loads(lines[0])["text"], out[0]), (json.loads(lines[2])["text"], out[2])):
+        check_result(result_schema(["asset", "action"]), text, res)
+    assert out[0]["fields"]["action"]["text"] == "replace belt"
+    bad = subprocess.run([sys.executable, "-m", "edge_agent", "generator", "predict", "--model", str(model),
+                          "--fields", "Asset"], input="", capture_output=True, text=True, timeout=300, env=env,
+                         cwd=REPO)
+    assert bad.returncode == 2 and "--fields" in bad.stderr
