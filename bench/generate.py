@@ -5,9 +5,10 @@ Both sides get the same prompts and the same procedure, greedy, each in its own 
 - prompt: the task's own (system + one worked example + the note), tokens computed once by
   edge_agent.tasks.prompt.Prompter and handed to both sides as ids (with the task's left padding to a multiple
   of 8 tokens, kept for all fields);
-- forced skeleton: for each field, continue `prompt + {"f1": "v1", ..., "fk": "` until a token containing a
-  double quote, an end-of-turn token or max_field_tokens (16); keep the generated tokens, append the next
-  key's tokens, go on. Values are compared between the sides (`agreement`: all fields equal).
+- forced skeleton: for each field, continue `prompt + {"f1": "v1", ..., "fk":` up to the value's closing
+  quote, an end-of-turn token or max_field_tokens (16) (edge_agent.tasks.skeleton, shared by both sides);
+  keep the generated tokens, append the next key's tokens, go on. Values are compared between the sides
+  (`agreement`: all fields equal).
 - ours: GeneratorTask.generate over all notes at once (notes of equal prompt length decoded together, static
   prompt = system + example, cached by CTranslate2), with inter_threads = cores and intra_threads = 1 (rows
   generate_threads and _1_thread show the alternatives). It computes the same procedure in two stages: a
@@ -86,9 +87,11 @@ def child_peer(job: dict[str, Any]) -> dict[str, Any]:
 
     llm = llama_cpp.Llama(job["gguf"], n_ctx=1024, n_batch=512, n_threads=job["threads"],
                           n_threads_batch=job["threads"], verbose=False)
-    vocab = llm.n_vocab()
-    pieces = [llm.detokenize([i], special=True) for i in range(vocab)]
-    stop = {i for i, b in enumerate(pieces) if b'"' in b} | set(job["eos_ids"])
+    sys.path.insert(0, str(REPO))
+    from edge_agent.tasks.skeleton import cut, value_end, value_text  # standard library only
+
+    pieces = [llm.detokenize([i], special=True).decode("utf-8", "replace") for i in range(llm.n_vocab())]
+    eos = set(job["eos_ids"])
     keys = job["keys"]
 
     def one(prompt: list[int]) -> dict[str, str]:
@@ -96,19 +99,17 @@ def child_peer(job: dict[str, Any]) -> dict[str, Any]:
         out: dict[str, str] = {}
         for k, name in enumerate(job["fields"]):
             gen: list[int] = []
-            last = None
             for tok in llm.generate(tokens, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
                                     reset=True):
-                if tok in stop:
-                    last = tok
-                    break
                 gen.append(tok)
-                if len(gen) >= job["max_field_tokens"]:
+                ended = value_end([pieces[t] for t in gen], [t in eos for t in gen]) is not None
+                if ended or len(gen) >= job["max_field_tokens"]:
                     break
-            rest = pieces[last].split(b'"', 1)[0] if last is not None and b'"' in pieces[last] else b""
-            out[name] = (llm.detokenize(gen) + rest).decode("utf-8", "replace")
+            keep, rest = cut([pieces[t] for t in gen], [t in eos for t in gen])
+            out[name] = value_text(llm.detokenize(gen[:keep]).decode("utf-8", "replace") + rest)
             if k + 1 < len(keys):
-                tokens = tokens + gen + llm.tokenize(rest + keys[k + 1].encode(), add_bos=False, special=False)
+                tokens = tokens + gen[:keep] + llm.tokenize((rest + keys[k + 1]).encode(), add_bos=False,
+                                                            special=False)
         return out
 
     prompts = job["prompts"]

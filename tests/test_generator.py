@@ -21,9 +21,11 @@ from edge_agent.tasks.generator import (
     result_schema,
 )
 from edge_agent.tasks.prompt import EXAMPLE_NOTE, chat_format, example_values
+from edge_agent.tasks.skeleton import value_end, value_text
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "models" / "smollm2-135m-instruct"
+QWEN = REPO / "models" / "qwen2.5-coder-0.5b-instruct"
 FIELDS = ["asset", "symptom", "action"]
 
 # ---------------------------------------------------------------- grounding, pure logic
@@ -141,6 +143,20 @@ def test_worked_example_values_are_spans_of_the_example_note() -> None:
         assert v in EXAMPLE_NOTE
 
 
+@pytest.mark.parametrize(("pieces", "end", "value"), [
+    ([' "', "p", "ump", " P", "-", "1", "0", "1", '",'], 8, "pump P-101"),  # quoted, closed by `",`
+    ([' ""'], 0, ""),  # the empty value: one token
+    ([' "",'], 0, ""),
+    ([" ", '"', "seal", '"}'], 3, "seal"),  # white space first
+    ([" null", ","], 1, "null"),  # written without quotes: ends at the comma
+    ([' "', "leak", "ing"], None, "leaking"),  # not closed yet
+])
+def test_a_value_ends_at_its_closing_quote_or_unquoted_at_a_comma(pieces: list[str], end: int | None,
+                                                                  value: str) -> None:
+    assert value_end(pieces) == end
+    assert value_text("".join(pieces[: None if end is None else end + 1]).rstrip(",}")) == value
+
+
 def test_unknown_chat_template_is_a_model_error(tmp_path: Path) -> None:
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ bos }}[INST] {{ m }}"}))
     with pytest.raises(ModelError, match="unknown chat template"):
@@ -226,7 +242,47 @@ def test_prompt_is_chatml_with_the_worked_example(task: GeneratorTask) -> None:
     # The note's own <|im_end|> is broken up: exactly 3 turns end (system, example user, example assistant)
     # before the note's turn.
     assert text.count("<|im_end|>") == 4
-    assert text.endswith('<|im_end|>\n<|im_start|>assistant\n{"asset": "')
+    assert text.endswith('<|im_end|>\n<|im_start|>assistant\n{"asset":')
+
+
+@needs_model
+def test_the_empty_value_is_a_continuation_of_the_skeleton(task: GeneratorTask) -> None:
+    """`""` is one token in these vocabularies: a forced prefix that ended with the value's opening quote
+    made "not mentioned" unreachable (every field got filled). The prefix now ends at the key's colon."""
+    from edge_agent.tasks.generator import _Skeleton
+
+    p = task.prompter
+    text = p.tokenizer.decode([p.vocab[t] for t in p.prompt(NOTES[0])], skip_special_tokens=False)
+    skeleton = text.rsplit("<|im_start|>assistant\n", 1)[1]
+    assert json.loads(skeleton + ' ""}') == {"asset": ""}  # the single token ` ""` closes a valid object
+    note = _Skeleton(p, len(FIELDS), 16)
+    empty, quote = p.vocab['Ġ"",'], p.vocab['Ġ"']
+    assert [note.step_value(t) for t in [empty]] == [True]
+    assert note.values == [""]
+    assert [note.step_value(t) for t in [quote, *p.tokenizer.encode("torn").ids, p.vocab['",']]][-1] is True
+    assert note.values == ["", "torn"]
+    forced = p.tokenizer.decode([p.vocab[t] for t in note.forced])
+    assert json.loads(skeleton + forced + ' ""}') == {"asset": "", "symptom": "torn", "action": ""}
+
+
+needs_qwen = pytest.mark.skipif(
+    not (QWEN / "manifest.json").exists(),
+    reason=f"no int8 Qwen 0.5B: `edge-agent models build qwen2.5-coder-0.5b-instruct --out {QWEN}`")
+
+
+@needs_qwen
+def test_qwen_leaves_a_field_empty_when_the_note_does_not_say() -> None:
+    """Before the fix Qwen 0.5B filled the symptom of this note with 'hydraulic hose' (and every other
+    empty field); the model writes the empty value itself now."""
+    cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(QWEN), "intra_threads": 1})
+    t = GeneratorTask("extract", cfg)
+    try:
+        text = "change out hydraulic hose on loader"
+        res = t.process([Note(text=text, topic="plant/l1/notes")])[0]
+    finally:
+        t.close()
+    assert res["fields"]["symptom"] is None and res["ungrounded"] == []
+    assert res["fields"]["asset"] == {"text": "loader", "start": 29, "end": 35}
 
 
 @needs_model
@@ -253,3 +309,30 @@ def test_generation_reports_progress_for_the_watchdog(task: GeneratorTask) -> No
     with progress(lambda: beats.append(0.0)):
         task.process([Note(text=t, topic="plant/l1/notes") for t in NOTES[:2]])
     assert len(beats) >= len(FIELDS)  # at least one group per field
+
+
+@pytest.mark.parametrize("model", [MODEL, QWEN], ids=["smollm2", "qwen0.5b"])
+def test_cli_predict_writes_one_result_per_input_line(model: Path) -> None:
+    """`edge-agent generator predict`: JSONL {"text"} in, the task's result per line out, same order."""
+    import os
+    import subprocess
+    import sys
+
+    if not (model / "manifest.json").exists():
+        pytest.skip(f"no model at {model}")
+    lines = [json.dumps({"text": "Conveyor belt torn near tail pulley, replace belt"}), "not json",
+             json.dumps({"text": "change out hydraulic hose on loader", "id": 7})]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "edge_agent", "generator", "predict", "--model", str(model),
+                           "--fields", "asset,action", "--threads", "1"], input="\n".join(lines) + "\n",
+                          capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr
+    out = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(out) == 3 and "error" in out[1]
+    for text, res in ((json.loads(lines[0])["text"], out[0]), (json.loads(lines[2])["text"], out[2])):
+        check_result(result_schema(["asset", "action"]), text, res)
+    assert out[0]["fields"]["action"]["text"] == "replace belt"
+    bad = subprocess.run([sys.executable, "-m", "edge_agent", "generator", "predict", "--model", str(model),
+                          "--fields", "Asset"], input="", capture_output=True, text=True, timeout=300, env=env,
+                         cwd=REPO)
+    assert bad.returncode == 2 and "--fields" in bad.stderr

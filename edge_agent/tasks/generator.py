@@ -2,9 +2,12 @@
 
 JSON by construction. CTranslate2 has no grammar hook, so the model never writes the JSON syntax: the
 assistant turn is a fixed key skeleton, and the model only fills the values. Each field's value is the greedy
-continuation of `prompt + {"f1": "v1", ..., "fk": "` until a token that contains a double quote (cut there),
-an end-of-turn token, or `max_field_tokens`; the generated tokens are kept as they are and the next key is
-appended as tokens, so the model sees exactly what it wrote. The prompt is in edge_agent.prompt.
+continuation of `prompt + {"f1": "v1", ..., "fk":` up to the value's closing quote (`skeleton.value_end`), an
+end-of-turn token, or `max_field_tokens`; the generated tokens are kept as they are and the next key is
+appended as tokens, so the model sees exactly what it wrote. The key stops at its colon, so that the model
+itself chooses between an opening quote and the empty value: `""` (and `"",`) is a single token in SmolLM2's
+and Qwen's vocabularies, and a prefix that ended with the opening quote made "not mentioned" unreachable
+(measured: every field filled). The prompt is in edge_agent.prompt.
 
 Run in two stages (GeneratorTask.generate), which is the same procedure computed once per token, the way
 llama.cpp does it with its prefix cache: CTranslate2 cannot keep a note's state between calls, so forcing
@@ -46,6 +49,7 @@ from ..models.manifest import verify
 from ..progress import heartbeat
 from .base import intra_threads
 from .prompt import Prompter
+from .skeleton import value_text
 
 NULL_VALUES = frozenset(
     {"", "none", "n/a", "na", "null", "nil", "-", "--", "unknown", "not mentioned", "not specified"})
@@ -227,7 +231,6 @@ class GeneratorTask:
                 inter_threads=cfg.inter_threads)
         except (RuntimeError, ValueError) as e:
             raise ModelError(f"CTranslate2 could not load {model_dir}: {e}") from e
-        self._end_tokens = sorted(self.prompter.quote_ids | self.prompter.eos_ids)
         self.schema = result_schema(list(self.fields))
 
     def _options(self, **kw: Any) -> dict[str, Any]:
@@ -272,11 +275,15 @@ class GeneratorTask:
         free_length = len(self.fields) * self.cfg.max_field_tokens + sum(len(p.encode(k)) for k in p.keys)
         self._run(prompts, self._options(max_length=free_length, end_token=sorted(p.eos_ids)),
                   lambda i, token: notes[i].step(token))
-        forced = self._options(max_length=self.cfg.max_field_tokens, end_token=self._end_tokens)
+        forced = self._options(max_length=self.cfg.max_field_tokens, end_token=sorted(p.eos_ids))
         for k in range(len(self.fields)):
             todo = [i for i, n in enumerate(notes) if len(n.values) == k]
-            for i, ids in zip(todo, self._run([prompts[i] + notes[i].forced for i in todo], forced), strict=True):
-                notes[i].value(ids)
+            for i in todo:
+                notes[i].resume()
+            self._run([prompts[i] + notes[i].forced for i in todo], forced,
+                      lambda j, token, todo=todo: notes[todo[j]].step_value(token))
+            for i in todo:
+                notes[i].finish()  # a value cut off at max_field_tokens
             heartbeat()  # a field's round done, even an empty one (the watchdog listens)
         return [dict(zip(self.fields, n.values, strict=True)) for n in notes]
 
@@ -297,7 +304,9 @@ class GeneratorTask:
 
 class _Skeleton:
     """One note's way through the key skeleton: its values so far, and the tokens (as strings) that follow
-    its prompt to ask for the next field: the kept tokens of each value and the keys after them."""
+    its prompt to ask for the next field: the kept tokens of each value and the keys after them. A value is
+    what the model writes after a key's colon up to its closing quote (`Prompter.value_end`): the model
+    chooses between an opening quote and the empty value itself."""
 
     def __init__(self, prompter: Prompter, fields: int, max_tokens: int) -> None:
         self.p = prompter
@@ -305,19 +314,27 @@ class _Skeleton:
         self.max_tokens = max_tokens
         self.values: list[str] = []
         self.forced: list[str] = []
-        self.ids: list[int] = []  # the value being generated (free run)
+        self.ids: list[int] = []  # the value being generated
         self.expect: list[int] = []  # the rest of the key that the free run must write next
 
     def value(self, ids: list[int]) -> list[int]:
-        """A value is done (its generated ids with the stop token, if any): record it, append what is kept of
-        it and the next key to `forced`; return the next key's ids."""
+        """A value is done (its generated ids with the token that ended it, if any): record it, append what
+        is kept of it and the next key to `forced`; return the next key's ids."""
         keep, rest = self.p.cut(ids)
-        self.values.append(self.p.tokenizer.decode(ids[:keep]) + rest)
+        self.values.append(value_text(self.p.tokenizer.decode(ids[:keep]) + rest))
         if len(self.values) == self.fields:
             return []
         key = self.p.encode(rest + self.p.keys[len(self.values)])
         self.forced += [self.p.token(t) for t in ids[:keep]] + key
         return [self.p.vocab[t] for t in key]
+
+    def _done(self, token: int) -> list[int] | None:
+        """Add one token of a value; the value's ids once it is done, else None."""
+        self.ids.append(token)
+        if self.p.value_end(self.ids) is None and len(self.ids) < self.max_tokens:
+            return None
+        ids, self.ids = self.ids, []
+        return ids
 
     def step(self, token: int) -> bool:
         """One token of the free run; True to stop it: the last value is done, or the token is not the one
@@ -327,14 +344,31 @@ class _Skeleton:
                 return True
             del self.expect[0]
             return False
-        self.ids.append(token)
-        if not (token in self.p.quote_ids or token in self.p.eos_ids or len(self.ids) >= self.max_tokens):
+        ids = self._done(token)
+        if ids is None:
             return False
-        ids, self.ids = self.ids, []
         self.expect = self.value(ids)
-        stop = ids[self.p.cut(ids)[0] :]  # the quote or end token that ended the value: the key's first token?
+        stop = ids[self.p.cut(ids)[0] :]  # the token that ended the value: the next key's first token?
         if stop:
             if not self.expect or stop[0] != self.expect[0] or stop[0] in self.p.eos_ids:
                 return True
             del self.expect[0]
         return len(self.values) == self.fields
+
+    def resume(self) -> None:
+        """Before a forced round: the free run's partial value and expected key are dropped."""
+        self.ids, self.expect = [], []
+
+    def step_value(self, token: int) -> bool:
+        """One token of a forced round; True once the value is done."""
+        ids = self._done(token)
+        if ids is None:
+            return False
+        self.value(ids)
+        return True
+
+    def finish(self) -> None:
+        """After a forced round: a value still open (cut off at max_field_tokens) is done as it is."""
+        if self.ids:
+            ids, self.ids = self.ids, []
+            self.value(ids)

@@ -18,6 +18,7 @@ from pathlib import Path
 import tokenizers
 
 from ..errors import ModelError
+from .skeleton import cut, key, value_end
 
 SYSTEM = (
     'Extract fields from the maintenance note. Copy each value exactly from the note. If the note does not say, '
@@ -80,10 +81,6 @@ def chat_format(model_dir: Path) -> tuple[str | None, str, str, str]:
                      "the generator task needs an instruction-tuned model with one of these")
 
 
-def _key(name: str, first: bool) -> str:
-    return ('{"' if first else '", "') + name + '": "'
-
-
 # ---------------------------------------------------------------- prompt tokens
 
 class Prompter:
@@ -108,12 +105,12 @@ class Prompter:
         # The static part is encoded with the tokenizer's specials (a BOS where the model wants one).
         self.static = self.tokenizer.encode(static + head, add_special_tokens=True).tokens
         self.specials = [t.content for t in self.tokenizer.get_added_tokens_decoder().values() if t.special]
-        self.keys = [_key(k, i == 0) for i, k in enumerate(self.fields)]
+        self.keys = [key(k, i == 0) for i, k in enumerate(self.fields)]
         self.filler = (self.encode(" ") or self.encode("\n"))[0]
         self.vocab = vocab = self.tokenizer.get_vocab()
         pieces = self.tokenizer.decode_batch([[i] for i in range(self.tokenizer.get_vocab_size())],
                                              skip_special_tokens=False)
-        self.quote_ids = frozenset(i for i, piece in enumerate(pieces) if '"' in piece)
+        self.pieces = pieces
         ends = (assistant_end.strip(), "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>")
         self.eos_ids = frozenset(vocab[t] for t in ends if t in vocab)
 
@@ -140,11 +137,10 @@ class Prompter:
         multiple of `multiple` tokens."""
         return [self.filler] * (-len(tail) % multiple) + tail
 
-    def cut(self, ids: list[int]) -> tuple[int, str]:
-        """Where a generated value ends: (tokens kept, text of the stop token before its quote)."""
-        if ids and ids[-1] in self.quote_ids:
-            return len(ids) - 1, self.tokenizer.decode(ids[-1:], skip_special_tokens=False).split('"', 1)[0]
-        if ids and ids[-1] in self.eos_ids:
-            return len(ids) - 1, ""
-        return len(ids), ""
+    def value_end(self, ids: list[int]) -> int | None:
+        """The index of the generated token that ends a value (see `skeleton.value_end`), or None."""
+        return value_end([self.pieces[t] for t in ids], [t in self.eos_ids for t in ids])
 
+    def cut(self, ids: list[int]) -> tuple[int, str]:
+        """Where a generated value ends: (tokens kept, text of the ending token that belongs to the value)."""
+        return cut([self.pieces[t] for t in ids], [t in self.eos_ids for t in ids])
