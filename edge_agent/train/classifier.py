@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..errors import InputError
-from ..tasks.classifier import Features, Head, _clean, _Rows, char_ngram_counts
+from ..tasks.classifier import Features, Head, _clean, _Rows, centred, char_ngram_counts
 
 if TYPE_CHECKING:
     pass
@@ -113,9 +113,15 @@ def train(texts: Sequence[str], labels: Sequence[str], emb: np.ndarray | None, *
         raise ValueError("emb must hold one embedding per text when w_emb > 0")
     y = np.searchsorted(classes, labels)
     k = len(classes)
-    emb_all = (emb if emb is not None and f.w_emb else np.zeros((len(texts), 0))).astype(np.float64) * f.w_emb
+    use_emb = emb is not None and bool(f.w_emb)
 
     def fit_on(idx: np.ndarray) -> Head:
+        mean = None
+        block = np.zeros((len(idx), 0))
+        if use_emb:
+            assert emb is not None
+            mean = emb[idx].astype(np.float32).mean(axis=0) if f.center else None
+            block = (emb[idx] if mean is None else centred(emb[idx], mean)).astype(np.float64) * f.w_emb
         vocab, idf = np.zeros(0, np.int64), np.zeros(0)
         rows = _Rows(np.zeros(len(idx) + 1, np.int64), vocab, idf)  # no char block unless w_char > 0
         if f.w_char:
@@ -124,9 +130,9 @@ def train(texts: Sequence[str], labels: Sequence[str], emb: np.ndarray | None, *
             idf = np.log((1 + len(idx)) / (1 + np.bincount(inverse, minlength=len(vocab)))) + 1.0
             rows = _Rows(counts.indptr, inverse, (1.0 + np.log(counts.data)) * idf[inverse]).normalise()
             rows.data = rows.data.astype(np.float64) * f.w_char
-        we, wc, b = _fit(emb_all[idx], rows, len(vocab), y[idx], k, c)
+        we, wc, b = _fit(block, rows, len(vocab), y[idx], k, c)
         return Head(classes, f, we.astype(np.float32), vocab.astype(np.int64), idf.astype(np.float32),
-                    wc.astype(np.float32), b.astype(np.float32), 1.0, encoder_sha, dict(meta or {}))
+                    wc.astype(np.float32), b.astype(np.float32), 1.0, encoder_sha, dict(meta or {}), mean)
 
     # Out-of-fold logits for the temperature: every example is scored by a head that did not see it.
     order = np.random.default_rng(seed).permutation(len(y))
