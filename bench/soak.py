@@ -38,7 +38,7 @@ from pathlib import Path
 from common import IN_FILTER, OUT_FILTER, OUT_PREFIX, REPO, Broker, make_notes, wait_for
 
 sys.path.insert(0, str(REPO))
-from tests.chaos.proxy import FaultProxy  # from the repo root, which is not installed
+from tests.kit.proxy import FaultProxy  # from the repo root, which is not installed
 
 QUICK_S, FULL_S = 90, 3600
 

@@ -13,7 +13,9 @@ from edge_agent.cli.main import main
 from edge_agent.config import OutboxConfig
 from edge_agent.outbox.store import Outbox, retained
 
-from .conftest import free_port, wait_for, write_config
+from .kit import wait_for
+from .kit.broker import free_port
+from .kit.config import write_config
 
 NOW = time.time()
 HOUR = 3600.0
