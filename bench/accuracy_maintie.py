@@ -115,7 +115,7 @@ def baseline(parts: dict[str, list[dict[str, Any]]], quick: bool) -> dict[str, A
     vec = DictVectorizer()
     x_raw, y = xy(parts["train"], conv["train"])
     x = vec.fit_transform(x_raw)
-    head = tagger.TaggerHead({}, types, tagger.Options(layers=layers), {})
+    head = tagger.TaggerHead({}, types, tagger.Features(layers=layers), {})
 
     def predict(fitted: list[Any], rows: list[dict[str, Any]], exs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         out = []
@@ -176,7 +176,7 @@ def tagger_row(name: str, model_dir: Path, parts: dict[str, list[dict[str, Any]]
         pred = head.predict([ex["text"] for ex in conv[part]], states[part])
         return _round(tagger_train.entity_f1([ex["entities"] for ex in conv[part]], pred))
 
-    opts = tagger.Options()
+    opts = tagger.Features()
     t0 = time.monotonic()
     head = tagger_train.train(encoder, train_rows, opts, dev=dev_rows)
     train_s = time.monotonic() - t0
