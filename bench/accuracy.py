@@ -1,6 +1,6 @@
 """Accuracy of the on-device models on real data, against a baseline in the same run.
 
-    python bench/accuracy.py [fmc|bgl|all] --json OUT [--model DIR] [--fp32-model DIR] [--tuned-model DIR]
+    python -m bench.accuracy [fmc|bgl|all] --json OUT [--model DIR] [--fp32-model DIR] [--tuned-model DIR]
 
 Protocol (never tune on test rows):
 - FMC (../shared/data/fmc_mwo2kg.jsonl, 22 failure modes): every method is trained on `train`, its settings
@@ -37,13 +37,12 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np
 
+from edge_agent.models.encoder import Encoder
+from edge_agent.tasks import classifier as clf
+from edge_agent.train import classifier as classifier_train
+
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDGE_AGENT_DATA") or REPO.parent / "shared" / "data")
-sys.path.insert(0, str(REPO))
-
-from edge_agent.models.encoder import Encoder  # noqa: E402
-from edge_agent.tasks import classifier as clf  # noqa: E402
-from edge_agent.train import classifier as classifier_train  # noqa: E402
 
 C_GRID = (1.0, 3.0, 10.0, 30.0, 100.0)
 CHAR_WEIGHTS = (0.5, 0.75, 1.0, 1.5, 2.0)  # hybrid: w_emb = 1, w_char from here
@@ -275,7 +274,7 @@ def bgl(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def maintie(args: argparse.Namespace) -> list[dict[str, Any]]:
     """The token tagger on MaintIE: owned by bench/accuracy_maintie.py."""
-    import accuracy_maintie  # bench/ is on sys.path when this script runs
+    from bench import accuracy_maintie
 
     return accuracy_maintie.maintie(quick=args.quick)
 

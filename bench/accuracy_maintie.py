@@ -1,7 +1,7 @@
 """MaintIE: 5-class entity recognition (PhysicalObject, Activity, State, Process, Property) with the int8
 token tagger, against a baseline in the same run.
 
-    python bench/accuracy_maintie.py [--quick] [--json OUT] [--write-splits DIR]
+    python -m bench.accuracy_maintie [--quick] [--json OUT] [--write-splits DIR]
 
 Data: ../shared/data/maintie_gold.jsonl (1,076 expert-annotated work orders, nlp-tlp/maintie @825e771).
 Split: rows sorted by id (= the release's order), first 80 % train, next 10 % dev, last 10 % test. This is
@@ -23,7 +23,7 @@ Rows (each with the baseline's test F1 beside it):
   one. Not comparable with the anchor, which trained on train only.
 Build the fine-tuned encoders (torch, the `convert` extra; ~8 and ~15 min on 2 busy cores):
 
-    python bench/accuracy_maintie.py --write-splits /tmp/maintie
+    python -m bench.accuracy_maintie --write-splits /tmp/maintie
     python -m edge_agent.train.finetune_tagger --format maintie --examples /tmp/maintie/train.jsonl \
         --dev /tmp/maintie/dev.jsonl --out models/minilm-l6-maintie --threads 1
     python -m edge_agent.train.finetune_tagger --format maintie --examples /tmp/maintie/traindev.jsonl \
@@ -46,11 +46,10 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+from edge_agent.tasks import tagger
+from edge_agent.train import tagger as tagger_train
 
-from edge_agent.tasks import tagger  # noqa: E402
-from edge_agent.train import tagger as tagger_train  # noqa: E402
+REPO = Path(__file__).resolve().parent.parent
 
 DATA = Path(os.environ.get("EDGE_AGENT_DATA_DIR", REPO.parent / "shared" / "data")) / "maintie_gold.jsonl"
 ANCHOR = 0.874  # SpERT (BERT, fine-tuned, GPU), 5 classes, same test split: nlp-tlp/maintie RESULTS.md
@@ -116,7 +115,7 @@ def baseline(parts: dict[str, list[dict[str, Any]]], quick: bool) -> dict[str, A
     vec = DictVectorizer()
     x_raw, y = xy(parts["train"], conv["train"])
     x = vec.fit_transform(x_raw)
-    head = tagger.TaggerHead({}, types, tagger.Options(layers=layers), {})
+    head = tagger.TaggerHead({}, types, tagger.Features(layers=layers), {})
 
     def predict(fitted: list[Any], rows: list[dict[str, Any]], exs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
         out = []
@@ -177,7 +176,7 @@ def tagger_row(name: str, model_dir: Path, parts: dict[str, list[dict[str, Any]]
         pred = head.predict([ex["text"] for ex in conv[part]], states[part])
         return _round(tagger_train.entity_f1([ex["entities"] for ex in conv[part]], pred))
 
-    opts = tagger.Options()
+    opts = tagger.Features()
     t0 = time.monotonic()
     head = tagger_train.train(encoder, train_rows, opts, dev=dev_rows)
     train_s = time.monotonic() - t0

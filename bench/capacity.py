@@ -1,6 +1,6 @@
 """Bytes per result, for outbox sizing (README "Capacity planning"). Not a speed bench: no peer.
 
-    python bench/capacity.py [--n 400] [--json OUT]
+    python -m bench.capacity [--n 400] [--json OUT]
 
 Runs the real Agent against a Mosquitto on a free port with the uplink unreachable (sink port closed),
 so every result stays in the outbox, then reads what would be published: the payload bytes of each row
@@ -24,21 +24,17 @@ import sqlite3
 import statistics
 import sys
 import tempfile
-import threading
 import time
 import tomllib
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from common import Broker, free_port, wait_for  # noqa: E402
-
-from edge_agent import config, logs  # noqa: E402
-from edge_agent.agent import Agent  # noqa: E402
-from edge_agent.mqtt.client import make_client  # noqa: E402
-from edge_agent.outbox.store import Outbox  # noqa: E402
+from bench.common import bench_broker
+from edge_agent import config, logs
+from edge_agent.mqtt.client import make_client
+from edge_agent.outbox.store import Outbox
+from tests.kit import REPO, wait_for
+from tests.kit.agent import Running
+from tests.kit.broker import Broker, free_port
 
 DATA = Path(os.environ.get("EDGE_AGENT_DATA") or REPO.parent / "shared" / "data")
 
@@ -79,9 +75,8 @@ def _config(tmp: Path, port: int, tasks: list[str], topic: str) -> config.Config
 
 def _measure(case: str, tasks: list[str], topic: str, payloads: list[bytes], broker: Broker, tmp: Path) -> dict:
     cfg = _config(tmp, broker.port, tasks, topic)
-    agent, stop = Agent(cfg), threading.Event()
-    runner = threading.Thread(target=agent.run, args=(stop,), daemon=True)
-    runner.start()
+    running = Running(cfg, wait=False)
+    agent = running.agent
     pub = make_client(cfg.source, f"capacity-pub-{case}", persistent=False)
     try:
         assert wait_for(lambda: agent.source is not None and agent.source.connected.is_set(), 60)
@@ -95,8 +90,7 @@ def _measure(case: str, tasks: list[str], topic: str, payloads: list[bytes], bro
     finally:
         pub.disconnect()
         pub.loop_stop()
-        stop.set()
-        runner.join(60)
+        running.stop(timeout=60)
     db = cfg.outbox.path
     with sqlite3.connect(db) as conn:
         conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -125,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure("warning", "json", stream=sys.stderr)
     out = []
     with tempfile.TemporaryDirectory(prefix="bench-capacity-") as tmp_s:
-        broker = Broker(Path(tmp_s) / "broker").start()
+        broker = bench_broker(Path(tmp_s) / "broker").start()
         try:
             for case, (tasks, topic, payloads) in _cases(args.n).items():
                 work = Path(tmp_s) / case.replace("+", "_")

@@ -9,7 +9,7 @@ Peer: SentenceTransformer(<the fp32 all-MiniLM-L6-v2 folder from the gt_all_mini
 device="cpu"), torch.set_num_threads(2), encode(batch_size=32, normalize_embeddings=True), then the SAME
 head applied to its embeddings, so both sides do the full classification of the same texts.
 
-End to end (`classify/mqtt_notes_per_s`): the agent itself (bench/common.py "agent" child: source QoS 1 →
+End to end (`classify/mqtt_notes_per_s`): the agent itself (bench.common "agent" child: source QoS 1 →
 pipeline → the `classifier` task with the same model and head → durable outbox → sink QoS 1) on one bench
 Mosquitto, fed the same texts by the QoS 1 publisher; rate = N / (last result received - first note sent).
 Its peer is the same in-process sentence-transformers figure, which does no MQTT and no disk at all.
@@ -24,7 +24,7 @@ The peer needs torch + sentence-transformers, which the project venv does not ha
 BENCH_PEER_PYTHON (default /work/venv-convert/bin/python). If it cannot run, its figures are null and
 `peer_error` says why. Targets (issue): notes/s >= 5x the peer, peak RSS <= 200 MB.
 
-    python bench/classify.py ours|peer --head H.npz --texts T.json --labels-out L.json [--model DIR]
+    python -m bench.classify ours|peer --head H.npz --texts T.json --labels-out L.json [--model DIR]
 """
 
 from __future__ import annotations
@@ -60,7 +60,6 @@ def _peak_rss_mb() -> float:
 
 
 def child(a: argparse.Namespace) -> None:
-    sys.path.insert(0, str(REPO))
     texts = json.loads(Path(a.texts).read_text())
     t0 = time.perf_counter()
     from edge_agent.tasks import classifier as clf
@@ -121,7 +120,6 @@ def _texts(n: int) -> list[str]:
 
 
 def _train_head(path: Path) -> None:
-    sys.path.insert(0, str(REPO))
     from edge_agent.models.encoder import Encoder
     from edge_agent.tasks import classifier as clf
     from edge_agent.train import classifier as classifier_train
@@ -151,8 +149,7 @@ def _peer_model(tmp: Path) -> Path:
 
 def _run_child(python: str, side: str, model: Path, head: Path, texts: Path, labels_out: Path | None,
                timeout: float) -> dict:
-    cmd = [python, str(Path(__file__).resolve()), side, "--model", str(model), "--head", str(head),
-           "--texts", str(texts)]
+    cmd = [python, "-m", "bench.classify", side, "--model", str(model), "--head", str(head), "--texts", str(texts)]
     if labels_out is not None:
         cmd += ["--labels-out", str(labels_out)]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": str(THREADS),
@@ -167,12 +164,11 @@ def _run_child(python: str, side: str, model: Path, head: Path, texts: Path, lab
 
 def _mqtt_round(r: int, broker, work: Path, head: Path, texts: Path, n: int) -> float:
     """One end-to-end round through the agent; returns notes/s."""
-    from common import Round, agent_config
+    from bench.common import Round, agent_config
 
     tag = f"mqtt-r{r}"
-    task = f'[tasks.fmc]\nkind = "classifier"\nmodel = "{MODEL}"\nhead = "{head}"\n'
     cfg = agent_config(work / f"{tag}.toml", port=broker.port, outbox=work / f"{tag}.db", level="warning",
-                       tasks=("fmc",), tasks_toml=task)
+                       tasks=("fmc",), task_tables={"fmc": {"kind": "classifier", "model": MODEL, "head": head}})
     with Round() as rd:
         consumer = rd.spawn("consumer", "--port", str(broker.port), "--expect", str(n), log=work / f"{tag}.consumer")
         agent = rd.spawn("agent", "--config", str(cfg), "--settle", "0.5", log=work / f"{tag}.agent")
@@ -194,7 +190,7 @@ def _med(xs: list[float], nd: int = 1) -> float | None:
 
 
 def run(quick: bool) -> list[dict]:
-    from common import Broker, rounds_of
+    from bench.common import bench_broker, rounds_of
 
     n = 2000 if quick else 10000
     load0 = os.getloadavg()
@@ -219,7 +215,7 @@ def run(quick: bool) -> list[dict]:
         results: dict[str, list[dict]] = {"ours": [], "peer": []}
         mqtt_rates: list[float] = []
         timeout = 120 if quick else 600
-        with Broker(tmp / "broker") as broker:
+        with bench_broker(tmp / "broker") as broker:
             for r, side in rounds_of(["ours", "peer", "mqtt"], ROUNDS):
                 if side == "peer" and peer_error:
                     continue

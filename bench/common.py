@@ -7,11 +7,13 @@ on stdout ({"event": ...}); the parent stops the system under test by writing "s
 are ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process on the machine), so a publisher's
 first send and a consumer's last receipt can be subtracted across processes.
 
-    python bench/common.py consumer  --port P --topic 'edge/results/#' --expect N
-    python bench/common.py publisher --port P --n N [--inflight 1000]
-    python bench/common.py rows      --port P --db OUTBOX.db [--inflight 64]
-    python bench/common.py agent     --config C.toml --log-level warning --log-file F
-    python bench/common.py relay     --port P
+    python -m bench.common consumer  --port P --topic 'edge/results/#' --expect N
+    python -m bench.common publisher --port P --n N [--inflight 1000]
+    python -m bench.common rows      --port P --db OUTBOX.db [--inflight 64]
+    python -m bench.common agent     --config C.toml --log-level warning --log-file F
+    python -m bench.common relay     --port P
+
+(from the repository root: the broker, the in-process agent runner and the config builder are tests/kit's).
 
 Set BENCH_PYSPY=DIR to run the system under test (agent or relay) under ``py-spy record`` and keep one
 profile per round in DIR, as collapsed stacks (``--format raw``: one "frame;frame;... count" line per
@@ -29,22 +31,23 @@ import queue
 import random
 import shutil
 import signal
-import socket
 import sqlite3
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
+
+from tests.kit import REPO, wait_for
+from tests.kit.broker import Broker
+from tests.kit.config import write_toml
 
 if TYPE_CHECKING:
     import paho.mqtt.client as mqtt
 
-REPO = Path(__file__).resolve().parent.parent
-MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 IN_FILTER = "plant/+/notes"
 OUT_PREFIX = "edge/results/"
 OUT_FILTER = "edge/results/#"
@@ -56,76 +59,21 @@ PUBLISHER_INFLIGHT = 100
 
 # -- the broker ---------------------------------------------------------------------------------------
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.01) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return predicate()
+# Mosquitto tuned so that it is not the bottleneck: no persistence, no cap on outgoing QoS 1 messages in
+# flight (max_inflight_messages 0), a deep per-client queue (an offline or slow subscriber's backlog stays
+# queued, not dropped), and TCP_NODELAY on its sockets. Logs: errors and warnings only.
+BROKER_SETTINGS = (
+    "persistence false",
+    "max_inflight_messages 0",
+    "max_queued_messages 1000000",
+    "max_queued_bytes 0",
+    "set_tcp_nodelay true",
+)
 
 
-class Broker:
-    """Mosquitto on 127.0.0.1 tuned so that it is not the bottleneck: no persistence, no cap on
-    outgoing QoS 1 messages in flight (max_inflight_messages 0), a deep per-client queue (an offline
-    or slow subscriber's backlog stays queued, not dropped), and TCP_NODELAY on its sockets."""
-
-    SETTINGS = (
-        "persistence false",
-        "max_inflight_messages 0",
-        "max_queued_messages 1000000",
-        "max_queued_bytes 0",
-        "set_tcp_nodelay true",
-    )
-
-    def __init__(self, workdir: Path) -> None:
-        self.dir = workdir
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        conf = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", *self.SETTINGS,
-                f"log_dest file {self.dir}/mosquitto.log", "log_type error", "log_type warning"]
-        if os.geteuid() == 0:
-            conf.append("user root")  # else it drops privileges and cannot write its log
-        self.conf = self.dir / "mosquitto.conf"
-        self.conf.write_text("\n".join(conf) + "\n")
-
-    def start(self) -> Broker:
-        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.DEVNULL)
-        if not wait_for(self._accepting, timeout=10):
-            raise RuntimeError(f"mosquitto did not start on port {self.port}: {self.log()[-2000:]}")
-        return self
-
-    def _accepting(self) -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                return True
-        except OSError:
-            return False
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            self.proc.wait(timeout=10)
-        self.proc = None
-
-    def log(self) -> str:
-        p = self.dir / "mosquitto.log"
-        return p.read_text(errors="replace") if p.exists() else ""
-
-    def __enter__(self) -> Broker:
-        return self.start()
-
-    def __exit__(self, *_exc: object) -> None:
-        self.stop()
+def bench_broker(workdir: Path) -> Broker:
+    """The bench Mosquitto (BROKER_SETTINGS), not started: `with bench_broker(dir) as b:` runs it."""
+    return Broker(workdir, settings=(*BROKER_SETTINGS, "log_type error", "log_type warning"))
 
 
 # -- realistic data -----------------------------------------------------------------------------------
@@ -167,7 +115,6 @@ def make_notes(n: int, seed: int = 1) -> list[tuple[str, bytes]]:
 def make_results(n: int, seed: int = 2) -> list[tuple[str, str, bytes]]:
     """n (id, topic, payload) outbox rows exactly as the agent writes them: the patterns task run over
     make_notes(), encoded by edge_agent.results.result_payload (about 600-900 bytes each)."""
-    sys.path.insert(0, str(REPO))
     from edge_agent.config import PatternsTaskConfig
     from edge_agent.message import Note
     from edge_agent.results import result_id, result_payload
@@ -200,39 +147,26 @@ def make_results(n: int, seed: int = 2) -> list[tuple[str, str, bytes]]:
 SOURCE_RECEIVE_MAXIMUM = 65535
 
 
-def agent_config(path: Path, *, port: int, outbox: Path, level: str, sink_extra: str = "",
-                 tasks: tuple[str, ...] = ("patterns",), tasks_toml: str = "") -> Path:
+def agent_config(path: Path, *, port: int, outbox: Path, level: str, source: dict[str, Any] | None = None,
+                 sink: dict[str, Any] | None = None, tasks: tuple[str, ...] = ("patterns",),
+                 task_tables: dict[str, Any] | None = None) -> Path:
     """The bench agent: one broker for source and sink, one route running `tasks` (default: the built-in
-    patterns task; others declared in `tasks_toml`), the pipeline/sink defaults except session_expiry = 0,
-    so that no source session outlives its round and soaks up the peer's notes, and receive_maximum =
-    SOURCE_RECEIVE_MAXIMUM, as the relay's."""
-    path.write_text(f"""
-gateway_id = "gw-bench"
-[source]
-port = {port}
-session_expiry = 0
-receive_maximum = {SOURCE_RECEIVE_MAXIMUM}
-reconnect_min_delay = 0.1
-reconnect_max_delay = 0.5
-[sink]
-port = {port}
-reconnect_min_delay = 0.1
-reconnect_max_delay = 0.5
-{sink_extra}
-[outbox]
-path = "{outbox}"
-[log]
-level = "{level}"
-format = "json"
-{tasks_toml}
-[[routes]]
-topic = "{IN_FILTER}"
-text_field = "text"
-id_field = "id"
-output_topic = "{OUT_PREFIX}{{topic}}"
-tasks = {json.dumps(list(tasks))}
-""")
-    return path
+    patterns task; others declared in `task_tables`, the config's [tasks] table), the pipeline/sink defaults
+    except session_expiry = 0, so that no source session outlives its round and soaks up the peer's notes,
+    and receive_maximum = SOURCE_RECEIVE_MAXIMUM, as the relay's; `source` and `sink` add settings."""
+    cfg: dict[str, Any] = {
+        "gateway_id": "gw-bench",
+        "source": {"port": port, "session_expiry": 0, "receive_maximum": SOURCE_RECEIVE_MAXIMUM,
+                   "reconnect_min_delay": 0.1, "reconnect_max_delay": 0.5, **(source or {})},
+        "sink": {"port": port, "reconnect_min_delay": 0.1, "reconnect_max_delay": 0.5, **(sink or {})},
+        "outbox": {"path": outbox},
+        "log": {"level": level, "format": "json"},
+        "routes": [{"topic": IN_FILTER, "text_field": "text", "id_field": "id", "output_topic": OUT_PREFIX + "{topic}",
+                    "tasks": list(tasks)}],
+    }
+    if task_tables:
+        cfg["tasks"] = task_tables
+    return write_toml(path, cfg)
 
 
 def median(xs: list[float]) -> float:
@@ -246,7 +180,7 @@ class Child:
     """A bench child process: JSON events read from its stdout on a thread, stderr to a file."""
 
     def __init__(self, role: str, *args: str, log: Path, profile: Path | None = None) -> None:
-        cmd = [sys.executable, str(Path(__file__).resolve()), role, *args]
+        cmd = [sys.executable, "-m", "bench.common", role, *args]  # cwd REPO: bench, tests and edge_agent import
         pyspy = os.environ.get("BENCH_PYSPY")
         if profile is not None and pyspy:
             Path(pyspy).mkdir(parents=True, exist_ok=True)
@@ -464,23 +398,19 @@ def child_relay(a: argparse.Namespace) -> None:
 
 
 def child_agent(a: argparse.Namespace) -> None:
-    """The agent in-process (Agent.run with a stop Event, as tests/test_e2e.py does), logging through
+    """The agent in-process (tests/kit's Running: Agent.run on a thread with a stop Event), logging through
     edge_agent.logs at the given level as JSON into log_file (e.g. /dev/null)."""
-    sys.path.insert(0, str(REPO))
-    from edge_agent import config, logs
-    from edge_agent.agent import Agent
+    from edge_agent import logs
+    from tests.kit.agent import Running
 
-    cfg = config.load(a.config, environ={})
     stream = open(a.log_file, "a")  # noqa: SIM115 - lives as long as the process
     logs.configure(a.log_level, "json", stream)
-    agent = Agent(cfg)
-    stop = threading.Event()
     t0 = time.monotonic()
-    th = threading.Thread(target=agent.run, args=(stop,), name="bench-agent", daemon=True)
-    th.start()
+    running = Running(a.config, wait=False, name="bench-agent")
+    agent = running.agent
     _emit("started", t0=t0)
     up = wait_for(lambda: agent.source is not None and agent.source.connected.is_set()
-                  and agent.sink is not None and agent.sink.connected.is_set(), timeout=30)
+                  and agent.sink is not None and agent.sink.connected.is_set(), timeout=30, interval=0.01)
     t_connected = time.monotonic()
     if a.settle:
         time.sleep(a.settle)  # the source's SUBSCRIBE is sent on connect; let the SUBACK land
@@ -492,8 +422,7 @@ def child_agent(a: argparse.Namespace) -> None:
               "published": agent.sink.published,
               "replayed": agent.sink.replayed, "outbox_rows": agent.outbox.stats().count,
               "cpu_s": time.process_time()}
-    stop.set()
-    th.join(60)
+    running.stop(timeout=60)
     _emit("stopped", **fields)
 
 

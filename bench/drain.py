@@ -22,19 +22,17 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from common import REPO, Broker, Round, agent_config, make_results, median, rounds_of
+from bench.common import BROKER_SETTINGS, Round, agent_config, bench_broker, make_results, median, rounds_of
+from edge_agent.config import OutboxConfig
+from edge_agent.outbox.store import Outbox
+from tests.kit import REPO
+from tests.kit.broker import Broker
 
 ROUNDS = 3
 INFLIGHT = 64  # the sink's default; the peer uses the same window
 
 
 def _fill(path: Path, rows: list[tuple[str, str, bytes]]) -> None:
-    import sys
-
-    sys.path.insert(0, str(REPO))
-    from edge_agent.config import OutboxConfig
-    from edge_agent.outbox.store import Outbox
-
     with Outbox(OutboxConfig.model_validate({"path": path})) as ob:
         for i in range(0, len(rows), 500):
             ob.put_many(rows[i : i + 500])
@@ -57,7 +55,7 @@ def _one(side: str, tag: str, broker: Broker, work: Path, rows: list, template: 
             outbox = work / f"{tag}.db"
             _fill(outbox, rows)
             cfg = agent_config(work / f"{tag}.toml", port=broker.port, outbox=outbox, level="warning",
-                               sink_extra=f"replay_rate = {replay_rate}")
+                               sink={"replay_rate": float(replay_rate)})
             sut = rd.spawn("agent", "--config", str(cfg), "--log-level", "warning",
                            "--log-file", str(logs / f"{tag}.agentlog"), log=logs / f"{tag}.agent",
                            profile=Path(f"{tag}.txt"))
@@ -99,7 +97,7 @@ def run(quick: bool) -> list[dict]:
         _fill(template, rows)
         template_small = work / "payloads-small.db"
         _fill(template_small, rows[:m_throttled])
-        with Broker(work / "broker") as broker:
+        with bench_broker(work / "broker") as broker:
             fast = _series(["ours", "peer"], broker, work, rows, template, "1e9", "fast")
             slow = _series(["ours", "peer"], broker, work, rows[:m_throttled], template_small, "500.0", "default")
 
@@ -111,7 +109,7 @@ def run(quick: bool) -> list[dict]:
         "peer_name": f"plain paho publisher, QoS1, inflight {INFLIGHT}, same payloads from memory",
         "stat": f"median of {ROUNDS} alternating rounds (order rotated each round), same broker, same process run",
         "measure": "(M - 1) / (consumer's last result - its first result); consumer QoS1 on edge/results/#",
-        "broker": "mosquitto 2.0.11, " + ", ".join(Broker.SETTINGS),
+        "broker": "mosquitto 2.0.11, " + ", ".join(BROKER_SETTINGS),
         "payload_bytes_mean": mean_bytes,
         "agent": f"backlog put with Outbox.put_many before start (WAL synchronous=FULL"
                  f"{', on the repo disk' if same_disk else ', temp dir NOT on the repo disk'}); sink inflight "

@@ -30,7 +30,7 @@ interpreter named by BENCH_LLAMA_PYTHON (default /work/venv-llama/bin/python); b
 (~13 min on 2 cores; a native build crashes on VMs that report AMX). Without it the rows say so, peer null.
 
     python bench/run.py generate [--quick] --json OUT
-    python bench/generate.py accuracy [--n 40]   # grounding sanity check on MaintIE gold spans
+    python -m bench.generate accuracy [--n 40]   # grounding sanity check on MaintIE gold spans
 
 Child roles (internal): `ours` and `peer`, reading a JSON job on stdin, writing one JSON line.
 """
@@ -63,7 +63,6 @@ def _threads() -> int:
 # ---------------------------------------------------------------- children
 
 def child_ours(job: dict[str, Any]) -> dict[str, Any]:
-    sys.path.insert(0, str(REPO))
     from edge_agent.config import GeneratorTaskConfig
     from edge_agent.tasks.generator import GeneratorTask
 
@@ -121,7 +120,7 @@ def child_peer(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def _spawn(python: str, role: str, job: dict[str, Any], timeout: float) -> dict[str, Any]:
-    proc = subprocess.run([python, str(Path(__file__).resolve()), role], input=json.dumps(job), text=True,
+    proc = subprocess.run([python, "-m", "bench.generate", role], input=json.dumps(job), text=True,
                           capture_output=True, timeout=timeout, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{role} child failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
@@ -131,7 +130,6 @@ def _spawn(python: str, role: str, job: dict[str, Any], timeout: float) -> dict[
 # ---------------------------------------------------------------- parent
 
 def _gguf(work: Path) -> Path:
-    sys.path.insert(0, str(REPO))
     from edge_agent.models import build as models
 
     spec = models.DEFAULT_MODELS["smollm2-135m-instruct"]
@@ -162,10 +160,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
 
 def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    sys.path.insert(0, str(REPO))
-    from common import make_notes
-
+    from bench.common import make_notes
     from edge_agent.config import _DEFAULT_FIELDS
     from edge_agent.tasks.prompt import Prompter
 
@@ -269,7 +264,6 @@ def accuracy(n: int = 40) -> dict[str, Any]:
     """Grounding on n MaintIE notes (evenly spaced over the release's last 10 %, the tagger's test part).
     Matching rule: asset ~ PhysicalObject, symptom ~ State, action ~ Activity; a grounded value `overlaps`
     when its character span intersects a gold span of that type, `exact` when it equals one."""
-    sys.path.insert(0, str(REPO))
     from edge_agent.config import GeneratorTaskConfig
     from edge_agent.message import Note
     from edge_agent.tasks.generator import GeneratorTask

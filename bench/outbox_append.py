@@ -16,16 +16,14 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import REPO, rounds_of
-
-sys.path.insert(0, str(REPO))
+from bench.common import rounds_of
 from edge_agent.config import OutboxConfig
 from edge_agent.outbox.store import Outbox
+from tests.kit import REPO
 
 BATCH = 64
 SIDES = ["group", "single"]
@@ -33,7 +31,7 @@ SIDES = ["group", "single"]
 
 def _rows(n: int) -> tuple[list[tuple[str, str, bytes]], str]:
     try:
-        from common import make_results
+        from bench.common import make_results
 
         return make_results(n), "common.make_results (patterns task results)"
     except Exception as e:  # the bench measures the outbox: do not let another module's bug stop it

@@ -1,6 +1,6 @@
 """Messages per second through the agent, end to end, against a plain paho relay on the same broker.
 
-One Mosquitto (bench settings, see common.Broker). Each round starts a consumer (QoS 1 on edge/results/#),
+One Mosquitto (bench settings, see common.BROKER_SETTINGS). Each round starts a consumer (QoS 1 on edge/results/#),
 then the system under test, then a publisher that sends N notes QoS 1 as fast as paho takes them
 (inflight common.PUBLISHER_INFLIGHT). rate = N / (consumer's last receipt - publisher's first send). Same N, publisher,
 consumer and broker for both sides; each in its own process.
@@ -20,7 +20,18 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import PUBLISHER_INFLIGHT, REPO, SOURCE_RECEIVE_MAXIMUM, Broker, Round, agent_config, median, rounds_of
+from bench.common import (
+    BROKER_SETTINGS,
+    PUBLISHER_INFLIGHT,
+    SOURCE_RECEIVE_MAXIMUM,
+    Round,
+    agent_config,
+    bench_broker,
+    median,
+    rounds_of,
+)
+from tests.kit import REPO
+from tests.kit.broker import Broker
 
 ROUNDS = 3
 SIDES = ["ours_warning", "ours_info", "peer"]
@@ -68,7 +79,7 @@ def run(quick: bool) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="bench-passthrough-") as tmp:
         work = Path(tmp)
         same_disk = os.stat(work).st_dev == os.stat(REPO).st_dev
-        with Broker(work / "broker") as broker:
+        with bench_broker(work / "broker") as broker:
             for r, side in rounds_of(SIDES, ROUNDS):
                 rate, info = _one(side, r, broker, work, n)
                 rates[side].append(round(rate, 1))
@@ -83,7 +94,7 @@ def run(quick: bool) -> list[dict]:
         "measure": "N / (consumer's last result - publisher's first send); publisher QoS1 inflight "
                    f"{PUBLISHER_INFLIGHT}, "
                    "consumer QoS1 on edge/results/#, each side in its own process",
-        "broker": "mosquitto 2.0.11, " + ", ".join(Broker.SETTINGS),
+        "broker": "mosquitto 2.0.11, " + ", ".join(BROKER_SETTINGS),
         "agent": "1 route, built-in patterns task; outbox WAL synchronous=FULL"
                  f"{' on the repo disk' if same_disk else ' (temp dir NOT on the repo disk)'}; "
                  "config defaults (batch_max 256, batch_wait_ms 20, sink inflight 64) except source "

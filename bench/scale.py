@@ -1,6 +1,6 @@
 """Aggregate notes per second through 1, 2 and 3 agents sharing one MQTT 5 shared subscription.
 
-One Mosquitto (bench settings, see common.Broker). Each round starts a consumer (QoS 1 on edge/results/#),
+One Mosquitto (bench settings, see common.BROKER_SETTINGS). Each round starts a consumer (QoS 1 on edge/results/#),
 then K agents, each its own process and outbox, all with `source.share_group = "bench"` and their own
 client ids, then a publisher that sends N notes QoS 1 (inflight common.PUBLISHER_INFLIGHT).
 rate = N / (consumer's last receipt - publisher's first send).
@@ -19,16 +19,15 @@ import os
 import tempfile
 from pathlib import Path
 
-from common import PUBLISHER_INFLIGHT, Broker, Round, agent_config, median, rounds_of
+from bench.common import BROKER_SETTINGS, PUBLISHER_INFLIGHT, Round, agent_config, bench_broker, median, rounds_of
+from tests.kit.broker import Broker
 
 SIDES = ["1", "2", "3"]
 
 
 def _member(path: Path, *, port: int, outbox: Path, client_id: str) -> Path:
-    agent_config(path, port=port, outbox=outbox, level="warning")
-    text = path.read_text().replace("[source]\n", f'[source]\nshare_group = "bench"\nclient_id = "{client_id}"\n', 1)
-    path.write_text(text)
-    return path
+    return agent_config(path, port=port, outbox=outbox, level="warning",
+                        source={"share_group": "bench", "client_id": client_id})
 
 
 def _one(k: int, r: int, broker: Broker, work: Path, n: int) -> tuple[float, list[dict]]:
@@ -65,7 +64,7 @@ def run(quick: bool) -> list[dict]:
     cpu: dict[str, list[float]] = {s: [] for s in SIDES}
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         work = Path(tmp)
-        with Broker(work / "broker") as broker:
+        with bench_broker(work / "broker") as broker:
             for r, side in rounds_of(SIDES, rounds):
                 rate, stats = _one(int(side), r, broker, work, n)
                 rates[side].append(round(rate, 1))
@@ -79,7 +78,7 @@ def run(quick: bool) -> list[dict]:
         "stat": f"median of {rounds} alternating rounds (order rotated each round)",
         "measure": "N / (consumer's last result - publisher's first send); publisher QoS1 inflight "
                    f"{PUBLISHER_INFLIGHT}; each agent and load generator in its own process",
-        "broker": "mosquitto 2.0.11, " + ", ".join(Broker.SETTINGS),
+        "broker": "mosquitto 2.0.11, " + ", ".join(BROKER_SETTINGS),
         "agent": "1 route, built-in patterns task, source.share_group = bench, own client_id and outbox each",
         "samples_peer": rates["1"],
         "peer_cpu_us_per_note": median(cpu["1"]),

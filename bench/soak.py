@@ -1,10 +1,10 @@
 """Soak: the daemon at a steady rate for a long time, with the uplink failing every few minutes; does its
 memory stay flat, and does every note arrive?
 
-    python bench/soak.py [--duration 3600] [--rate 100] [--json OUT]
+    python -m bench.soak [--duration 3600] [--rate 100] [--json OUT]
     python bench/run.py soak [--quick] --json OUT       # --quick: 90 s; else 3600 s
 
-Parts: a source Mosquitto and an uplink Mosquitto (bench settings, common.Broker); the agent as the real
+Parts: a source Mosquitto and an uplink Mosquitto (bench settings, common.bench_broker); the agent as the real
 daemon (`python -m edge_agent run`, its own process, built-in patterns task, sink keepalive 5 s) whose
 sink reaches the uplink through the chaos suite's FaultProxy; a producer (unique ids, QoS 1, fixed rate)
 and a consumer (QoS 1 on edge/results/#) in this process. Every `every` seconds the uplink goes away for
@@ -28,48 +28,32 @@ import argparse
 import json
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from common import IN_FILTER, OUT_FILTER, OUT_PREFIX, REPO, Broker, make_notes, wait_for
-
-sys.path.insert(0, str(REPO))
-from tests.chaos.proxy import FaultProxy  # from the repo root, which is not installed
+from bench.common import IN_FILTER, OUT_FILTER, OUT_PREFIX, bench_broker, make_notes
+from tests.kit import wait_for
+from tests.kit.agent import AgentProcess
+from tests.kit.config import write_toml
+from tests.kit.proxy import FaultProxy
 
 QUICK_S, FULL_S = 90, 3600
 
 
 def _config(path: Path, *, source: int, sink: int, outbox: Path) -> Path:
-    path.write_text(f"""
-gateway_id = "gw-soak"
-[source]
-port = {source}
-keepalive = 5
-reconnect_min_delay = 0.1
-reconnect_max_delay = 1.0
-[sink]
-port = {sink}
-keepalive = 5
-reconnect_min_delay = 0.1
-reconnect_max_delay = 1.0
-[outbox]
-path = "{outbox}"
-[log]
-level = "warning"
-format = "json"
-
-[[routes]]
-topic = "{IN_FILTER}"
-text_field = "text"
-id_field = "id"
-output_topic = "{OUT_PREFIX}{{topic}}"
-tasks = ["patterns"]
-""")
-    return path
+    link = {"keepalive": 5, "reconnect_min_delay": 0.1, "reconnect_max_delay": 1.0}
+    return write_toml(path, {
+        "gateway_id": "gw-soak",
+        "source": {"port": source, **link},
+        "sink": {"port": sink, **link},
+        "outbox": {"path": outbox},
+        "log": {"level": "warning", "format": "json"},
+        "routes": [{"topic": IN_FILTER, "text_field": "text", "id_field": "id", "output_topic": OUT_PREFIX + "{topic}",
+                    "tasks": ["patterns"]}],
+    })
 
 
 def _client(name: str):
@@ -156,7 +140,7 @@ class Consumer:
         self.c.loop_stop()
 
 
-def _wait_ready(port: int, consumer: Consumer, agent: subprocess.Popen) -> None:
+def _wait_ready(port: int, consumer: Consumer, agent: AgentProcess) -> None:
     """Probe notes until one comes out the other end: the agent's source session exists and its sink is
     up, so that no measured note meets a broker with no subscriber yet."""
     c = _client("probe")
@@ -165,7 +149,7 @@ def _wait_ready(port: int, consumer: Consumer, agent: subprocess.Popen) -> None:
     try:
         deadline = time.monotonic() + 60
         while not consumer.probed.wait(0.5):
-            if agent.poll() is not None or time.monotonic() > deadline:
+            if not agent.alive() or time.monotonic() > deadline:
                 raise RuntimeError("the agent did not come up")
             c.publish("plant/probe/notes", json.dumps({"id": "probe", "text": "probe"}), qos=1)
     finally:
@@ -205,19 +189,19 @@ def schedule(duration: float) -> tuple[float, float, float]:
 
 def soak(duration: float, rate: float, sample_s: float, work: Path, log=print) -> dict:
     every, outage_s, warmup = schedule(duration)
-    with Broker(work / "source") as source, Broker(work / "uplink") as uplink, FaultProxy(uplink.port) as proxy:
+    with (bench_broker(work / "source") as source, bench_broker(work / "uplink") as uplink,
+          FaultProxy(uplink.port) as proxy):
         consumer = Consumer(uplink.port)
         consumer.ready.wait(10)
         cfg = _config(work / "agent.toml", source=source.port, sink=proxy.port, outbox=work / "outbox.db")
-        agent_log = (work / "agent.log").open("ab")
-        agent = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)],
-                                 stdout=agent_log, stderr=subprocess.STDOUT, cwd=REPO,
-                                 env={**os.environ, "PYTHONPATH": str(REPO)})
+        agent = AgentProcess(cfg, work / "agent.log").start()
+        assert agent.proc is not None
+        pid = agent.proc.pid
         try:
             _wait_ready(source.port, consumer, agent)
             producer = Producer(source.port, rate)
             t0 = time.monotonic()
-            cpu0 = _cpu_s(agent.pid)
+            cpu0 = _cpu_s(pid)
             samples: list[tuple[float, int]] = []
             outages = {"refused": 0, "blackholed": 0}
             starts = [every / 2 + i * every for i in range(int(duration // every) + 1)]
@@ -235,9 +219,9 @@ def soak(duration: float, rate: float, sample_s: float, work: Path, log=print) -
                     proxy.heal()
                     down = False
                 if t >= next_sample:
-                    if agent.poll() is not None:
-                        raise RuntimeError(f"the agent exited ({agent.returncode}); see {work / 'agent.log'}")
-                    samples.append((round(t, 1), _rss_kb(agent.pid)))
+                    if not agent.alive():
+                        raise RuntimeError(f"the agent exited ({agent.proc.returncode}); see {work / 'agent.log'}")
+                    samples.append((round(t, 1), _rss_kb(pid)))
                     log(f"t={t:6.0f}s rss={samples[-1][1]} KiB sent={producer.sent} "
                         f"received={consumer.unique()} uplink={'down' if down else 'up'}")
                     next_sample += sample_s
@@ -246,13 +230,11 @@ def soak(duration: float, rate: float, sample_s: float, work: Path, log=print) -
                 proxy.heal()
             producer.stop()
             drained = wait_for(lambda: consumer.unique() >= producer.acked, 120, 0.5)
-            samples.append((round(time.monotonic() - t0, 1), _rss_kb(agent.pid)))
-            cpu_s = _cpu_s(agent.pid) - cpu0
+            samples.append((round(time.monotonic() - t0, 1), _rss_kb(pid)))
+            cpu_s = _cpu_s(pid) - cpu0
             elapsed = time.monotonic() - t0
         finally:
-            agent.send_signal(signal.SIGTERM)
-            rc = agent.wait(60)
-            agent_log.close()
+            rc = agent.kill(signal.SIGTERM, timeout=60)
             consumer.close()
     post = [s for s in samples if s[0] >= warmup]
     first, last = post[0][1], samples[-1][1]

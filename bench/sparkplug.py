@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import os
 import statistics
-import sys
 import time
-
-from common import REPO
 
 TOPIC = "spBv1.0/plant1/DDATA/edge1/press3"
 
@@ -42,7 +39,6 @@ def _rate(fn, raw: bytes, n: int, rounds: int) -> list[float]:
 
 
 def run(quick: bool) -> list[dict]:
-    sys.path.insert(0, str(REPO))
     from google.protobuf.internal import api_implementation
 
     from edge_agent import sparkplug_b_pb2 as spb

@@ -12,26 +12,19 @@ from edge_agent.agent import Agent
 from edge_agent.errors import ConfigError, OutboxError
 from edge_agent.outbox.lock import OutboxLock
 
-from .conftest import wait_for, write_config
+from .kit import wait_for
+from .kit.config import write_config
 
 
 def test_a_start_that_fails_at_the_models_leaves_nothing_behind(tmp_path: Path, broker) -> None:
     """The outbox is open, its lock held and the sink connected (paho's thread and ours) when a model task fails
     to load: all of it is undone before the error reaches the caller, and the next start works."""
     outbox = tmp_path / "o.db"
-    cfg_path = write_config(
-        tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=outbox,
-        extra=f"""
-[tasks.category]
-kind = "classifier"
-model = "{tmp_path / 'no-such-model'}"
-labels = {{ leak = "fluid leaking", noise = "abnormal noise" }}
-""",
-        routes="""
-[[routes]]
-topic = "plant/+/notes"
-tasks = ["patterns", "category"]
-""")
+    cfg_args = dict(source_port=broker.port, sink_port=broker.port, outbox=outbox)
+    tasks = {"category": {"kind": "classifier", "model": tmp_path / "no-such-model",
+                          "labels": {"leak": "fluid leaking", "noise": "abnormal noise"}}}
+    cfg_path = write_config(tmp_path / "c.toml", **cfg_args, tasks=tasks,
+                            routes=[{"topic": "plant/+/notes", "tasks": ["patterns", "category"]}])
     before = set(threading.enumerate())
     agent = Agent(config.load(cfg_path, environ={}))
     with pytest.raises(ConfigError) as failed:
@@ -46,8 +39,7 @@ tasks = ["patterns", "category"]
         pass
     agent.stop()  # harmless after a failed start
 
-    fixed = cfg_path.read_text().replace('tasks = ["patterns", "category"]', 'tasks = ["patterns"]')
-    cfg_path.write_text(fixed)
+    write_config(cfg_path, **cfg_args, tasks=tasks, routes=[{"topic": "plant/+/notes", "tasks": ["patterns"]}])
     again = Agent(config.load(cfg_path, environ={}))
     again.start()
     try:

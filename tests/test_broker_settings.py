@@ -10,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from . import test_e2e
-from .conftest import MOSQUITTO, REPO, Broker, wait_for, write_config
-
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
+from .kit import REPO, wait_for
+from .kit.broker import MOSQUITTO, Broker
+from .kit.config import write_config
 
 BURST = 3000
 
@@ -58,15 +57,10 @@ def test_notes_published_while_the_agent_restarts_survive_only_with_our_broker_s
         assert got < BURST - 1000, got
 
 
-TWO_ROUTES = """
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-tasks = ["patterns"]
-[[routes]]
-topic = "plant/+/logs"
-tasks = ["patterns"]
-"""
+TWO_ROUTES = [
+    {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"]},
+    {"topic": "plant/+/logs", "tasks": ["patterns"]},
+]
 
 
 def test_a_route_removed_from_the_config_is_unsubscribed_at_the_next_start(

@@ -48,20 +48,20 @@ def test_defaults_and_frozen(tmp_path: Path) -> None:
         ('[source]\nport = "abc"\n' + ROUTE, "source.port", "whole number"),
         ('[sink]\nprotocol = "4"\n' + ROUTE, "sink.protocol", "allowed values"),
         ("", "routes", "[[routes]]"),
-        ('[[routes]]\ntopic = "plant/#/x"\n', "routes.0.topic", ""),
+        ('[[routes]]\ntopic = "plant/#/x"\n', "routes.0.topic", "a whole level and the last one"),
         ('[[routes]]\ntopic = "a"\ntasks = ["classify"]\n', "routes.0.tasks", "[tasks.classify]"),
-        ('[[routes]]\ntopic = "a"\noutput_topic = "out/+"\n', "routes.0.output_topic", ""),
+        ('[[routes]]\ntopic = "a"\noutput_topic = "out/+"\n', "routes.0.output_topic", "must not contain '+' or '#'"),
         ('gateway_id = "gw 1"\n' + ROUTE, "gateway_id", "letters, digits"),
-        ('dead_letter_topic = "dl/#"\n' + ROUTE, "dead_letter_topic", ""),
-        ('[sink]\nstatus_topic = "edge/+/status"\n' + ROUTE, "sink.status_topic", ""),
+        ('dead_letter_topic = "dl/#"\n' + ROUTE, "dead_letter_topic", "must not contain '+' or '#'"),
+        ('[sink]\nstatus_topic = "edge/+/status"\n' + ROUTE, "sink.status_topic", "must not contain '+' or '#'"),
         (
             '[tasks.p]\nkind = "patterns"\nasset_patterns = ["(unclosed"]\n' + ROUTE,
             "tasks.p.asset_patterns",
-            "",
+            "does not compile",
         ),
         ('[tasks.p]\nkind = "llm"\n' + ROUTE, "tasks.p", "kind"),
-        ('[sink]\npassword_file = "/x"\n' + ROUTE, "sink", ""),
-        ('[sink.tls]\ncert_file = "/c.pem"\n' + ROUTE, "sink.tls", ""),
+        ('[sink]\npassword_file = "/x"\n' + ROUTE, "sink", "set username too"),
+        ('[sink.tls]\ncert_file = "/c.pem"\n' + ROUTE, "sink.tls", "set both"),
         ("[outbox]\nmax_bytes = 10\n" + ROUTE, "outbox.max_bytes", "raise"),
     ],
 )
@@ -69,7 +69,8 @@ def test_invalid_field_named_with_fix(tmp_path: Path, text: str, field: str, hin
     with pytest.raises(ConfigError) as ei:
         load_text(tmp_path, text)
     assert ei.value.field == field, str(ei.value)
-    assert hint in ei.value.hint or hint in ei.value.message
+    assert hint, "an empty hint is in every string: the check could not fail"
+    assert hint in ei.value.hint or hint in ei.value.message, str(ei.value)
     assert ei.value.hint  # every error carries a fix
 
 

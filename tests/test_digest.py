@@ -22,10 +22,9 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.results import rfc3339
 from edge_agent.tasks.patterns import extract
 
-from . import test_e2e
-from .conftest import wait_for, write_config
+from .kit import wait_for
+from .kit.config import write_config
 
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
 T0 = datetime(2026, 12, 7, 6, 0, tzinfo=UTC).timestamp()
 
 
@@ -109,22 +108,12 @@ def test_windows_follow_the_local_schedule_and_ids_are_deterministic() -> None:
 
 
 # -- end to end -------------------------------------------------------------------------------------------
-ROUTES = """
-[digest]
-enabled = true
-schedule = ["06:00", "14:00", "22:00"]
-[tasks.status]
-kind = "classifier"
-model = "{model}"
-[tasks.status.labels]
-done = "work completed: replaced, repaired, fixed, cleaned, tensioned, adjusted"
-problem = "a fault: leaking, slipping, noise, vibration, alarm, fouled, failed"
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-tasks = ["patterns", "status"]
-"""
 MINILM = Path(__file__).resolve().parent.parent / "models" / "minilm-l6"
+DIGEST = {"enabled": True, "schedule": ["06:00", "14:00", "22:00"]}
+STATUS = {"kind": "classifier", "model": MINILM, "labels": {
+    "done": "work completed: replaced, repaired, fixed, cleaned, tensioned, adjusted",
+    "problem": "a fault: leaking, slipping, noise, vibration, alarm, fouled, failed"}}
+ROUTE = {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns", "status"]}
 NOTES = ["P-101 seal leaking, discharge 4.5 bar", "Conveyor C-12 belt slipping", "P-101 leaking again at 5 bar",
          "C-12 belt tensioned and rollers replaced", "HX-12 fouled, alarm E-042", "HX-12 cleaned and repaired"]
 
@@ -133,7 +122,7 @@ def test_digests_through_a_real_broker_on_request_and_after_downtime(
     tmp_path, broker, uplink, collect, publisher, run_agent
 ) -> None:
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
-                       routes=ROUTES.format(model=MINILM))  # fmt: skip
+                       routes=[ROUTE], digest=DIGEST, tasks={"status": STATUS})  # fmt: skip
     out = collect(uplink.port, "edge/results/#")
     digests = collect(uplink.port, "edge/digest/#")
     dlq = collect(uplink.port, "edge/deadletter")

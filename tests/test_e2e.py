@@ -7,7 +7,6 @@ import signal
 import threading
 import time
 from base64 import b64decode
-from collections.abc import Iterator
 from hashlib import sha256
 from pathlib import Path
 
@@ -16,23 +15,10 @@ import pytest
 from edge_agent import config
 from edge_agent.outbox.store import Outbox
 
-from .conftest import Broker, wait_for, write_config
-from .kit import Running
-
-
-@pytest.fixture
-def run_agent() -> Iterator:
-    started: list[Running] = []
-
-    def start(cfg_path: Path) -> Running:
-        r = Running(cfg_path)
-        started.append(r)
-        return r
-
-    yield start
-    for r in started:
-        if r.thread.is_alive():
-            r.stop()
+from .kit import REPO, wait_for
+from .kit.broker import Broker
+from .kit.clients import Publisher
+from .kit.config import write_config
 
 
 def ids_of(results: list[dict]) -> list[str]:
@@ -113,7 +99,7 @@ def test_malformed_payloads_dead_lettered_and_daemon_keeps_running(tmp_path, bro
         source_port=broker.port,
         sink_port=broker.port,
         outbox=tmp_path / "o.db",
-        extra="[pipeline]\nmax_payload_bytes = 1000\nmax_json_depth = 8",
+        pipeline={"max_payload_bytes": 1000, "max_json_depth": 8},
     )
     dlq = collect(broker.port, "edge/deadletter")
     out = collect(broker.port, "edge/results/#")
@@ -183,8 +169,6 @@ def _subscribed(b: Broker) -> bool:
 
 
 def _publish_in_background(port: int, topic: str, count: int, pace_s: float) -> threading.Thread:
-    from .conftest import Publisher
-
     def go() -> None:
         p = Publisher(port)
         for i in range(count):
@@ -271,9 +255,9 @@ def test_mqtt_311_on_both_sides(tmp_path, broker, uplink, collect, publisher, ru
         source_port=broker.port,
         sink_port=uplink.port,
         outbox=tmp_path / "o.db",
+        source={"protocol": "3.1.1"},
+        sink={"protocol": "3.1.1"},
     )
-    text = cfg.read_text().replace("[source]\n", '[source]\nprotocol = "3.1.1"\n')
-    cfg.write_text(text.replace("[sink]\n", '[sink]\nprotocol = "3.1.1"\n'))
     out = collect(uplink.port, "edge/results/#")
     running = run_agent(cfg)
     assert running.agent.cfg.source.protocol == "3.1.1" and running.agent.cfg.sink.protocol == "3.1.1"
@@ -284,27 +268,27 @@ def test_mqtt_311_on_both_sides(tmp_path, broker, uplink, collect, publisher, ru
     assert sorted(ids_of(out.json())) == sorted(f"n{i}" for i in range(100))
 
 
-MINILM = Path(__file__).resolve().parent.parent / "models" / "minilm-l6"
+MINILM = REPO / "models" / "minilm-l6"
 
 
 @pytest.mark.skipif(not (MINILM / "manifest.json").exists(), reason="models/minilm-l6 not built (.ci/setup builds it)")
 def test_model_tasks_in_the_mqtt_pipeline(tmp_path, broker, collect, publisher, run_agent):
-    routes = f"""
-[tasks.category]
-kind = "classifier"
-model = "{MINILM}"
-threshold = 0.6
-labels = {{ leak = "fluid leaking from a seal, pipe or valve", electrical = "electrical fault, tripped breaker" }}
-[tasks.logs]
-kind = "log_template"
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-review_topic = "edge/review/{{topic}}"
-tasks = ["patterns", "category", "logs"]
-"""
+    tasks = {
+        "category": {
+            "kind": "classifier",
+            "model": MINILM,
+            "threshold": 0.6,
+            "labels": {
+                "leak": "fluid leaking from a seal, pipe or valve",
+                "electrical": "electrical fault, tripped breaker",
+            },
+        },
+        "logs": {"kind": "log_template"},
+    }
+    routes = [{"topic": "plant/+/notes", "id_field": "id", "review_topic": "edge/review/{topic}",
+               "tasks": ["patterns", "category", "logs"]}]
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       routes=routes)
+                       routes=routes, tasks=tasks)
     out = collect(broker.port, "edge/#")
     run_agent(cfg)
     pub = publisher(broker.port)
@@ -339,13 +323,10 @@ def test_broker_that_drops_us_after_connack_is_retried_with_back_off(tmp_path: P
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-    from .conftest import log_events
+    from .kit.agent import log_events
 
-    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db")
-    text = cfg.read_text().replace("reconnect_min_delay = 0.1\nreconnect_max_delay = 0.5\nreplay_rate",
-                                   "reconnect_min_delay = 1\nreconnect_max_delay = 8\nreplay_rate")
-    assert text != cfg.read_text()
-    cfg.write_text(text)
+    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
+                       sink={"reconnect_min_delay": 1, "reconnect_max_delay": 8})
     log = tmp_path / "agent.log"
     agent = spawn_agent(cfg, log)
     assert wait_for(lambda: "as edge-agent-gw-test-sink" in uplink.log(), timeout=60), log.read_text()

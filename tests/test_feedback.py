@@ -18,10 +18,8 @@ import pytest
 from edge_agent.errors import DecodeError
 from edge_agent.feedback import parse
 
-from . import test_e2e
-from .conftest import REPO, wait_for, write_config
-
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
+from .kit import REPO, wait_for
+from .kit.config import write_config
 
 
 class Classifier:
@@ -68,20 +66,8 @@ def test_bad_corrections_name_the_reason(obj: dict, reason: str) -> None:
 
 
 MINILM = Path(__file__).resolve().parent.parent / "models" / "minilm-l6"
-ROUTES = f"""
-[feedback]
-enabled = true
-[tasks.category]
-kind = "classifier"
-model = "{MINILM}"
-[tasks.category.labels]
-leak = "fluid or air leaking from a seal, pipe or valve"
-vibration = "abnormal vibration, noise or rattle"
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-tasks = ["patterns", "category"]
-"""
+CATEGORY = {"kind": "classifier", "model": MINILM, "labels": {
+    "leak": "fluid or air leaking from a seal, pipe or valve", "vibration": "abnormal vibration, noise or rattle"}}
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
@@ -92,8 +78,9 @@ def _cli(*args: str) -> subprocess.CompletedProcess[str]:
 def test_corrections_through_a_real_broker_are_stored_and_exported(
     tmp_path, broker, uplink, collect, publisher, run_agent
 ) -> None:
+    route = {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns", "category"]}
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
-                       routes=ROUTES)  # fmt: skip
+                       routes=[route], feedback={"enabled": True}, tasks={"category": CATEGORY})  # fmt: skip
     out = collect(uplink.port, "edge/results/#")
     dlq = collect(uplink.port, "edge/deadletter")
     agent = run_agent(cfg)

@@ -34,10 +34,9 @@ from edge_agent.outbox.store import Outbox
 from edge_agent.pipeline import MAX_TOPIC_BYTES, Pipeline
 from edge_agent.tasks.registry import build_tasks
 
-from . import test_e2e
-from .conftest import REPO, wait_for, write_config
+from .kit import REPO, wait_for
+from .kit.config import write_config
 
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
 FUZZ = settings(derandomize=True, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 # -- payloads -------------------------------------------------------------------------------------------
@@ -309,11 +308,10 @@ def nasty_payloads(n: int, seed: int = 4) -> list[bytes]:
 
 
 def test_300_nasty_payloads_through_a_real_broker(tmp_path, broker, collect, publisher, run_agent) -> None:
-    routes = '[[routes]]\ntopic = "fuzz/+/in"\nid_field = "id"\ntasks = ["patterns"]\n'
-    extra = "[pipeline]\nmax_payload_bytes = 65536\nmax_json_depth = 64\n"
     cfg = write_config(
         tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-        routes=routes, extra=extra,
+        routes=[{"topic": "fuzz/+/in", "id_field": "id", "tasks": ["patterns"]}],
+        pipeline={"max_payload_bytes": 65536, "max_json_depth": 64},
     )  # fmt: skip
     out = collect(broker.port, "edge/results/#")
     dlq = collect(broker.port, "edge/deadletter")

@@ -31,10 +31,9 @@ from edge_agent.pipeline import Pipeline
 from edge_agent.results import result_id
 from edge_agent.tasks.registry import build_tasks
 
-from . import test_e2e
-from .conftest import wait_for, write_config
-
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
+from .kit import REPO, wait_for
+from .kit.broker import Broker
+from .kit.config import write_config, write_toml
 
 HUGE = b'{"text": "P-101 leak", "counter": ' + b"1" * 5000 + b"}"
 DDATA = "spBv1.0/plant1/DDATA/edge1/press3"
@@ -82,16 +81,18 @@ class Rig:
     """A real Pipeline over a real outbox: what one batch committed, and which inputs were acked."""
 
     ROUTES = (
-        '[[routes]]\ntopic = "spBv1.0/#"\nformat = "sparkplug"\ntext_metric = "Note"\ntasks = ["patterns"]\n'
-        '[[routes]]\ntopic = "p/#"\nid_field = "id"\ntasks = ["patterns"]\n'
+        {"topic": "spBv1.0/#", "format": "sparkplug", "text_metric": "Note", "tasks": ["patterns"]},
+        {"topic": "p/#", "id_field": "id", "tasks": ["patterns"]},
     )
 
-    def __init__(self, root: Path, tasks: dict | None = None, routes: str = ROUTES, pipeline: str = "",
-                 outbox: str = "") -> None:
-        p = root / "c.toml"
-        p.write_text(f'[outbox]\npath = "{root / "o.db"}"\n{outbox}\n[pipeline]\nmax_json_depth = 16\n{pipeline}\n'
-                     f"{routes}")
-        self.cfg = config.load(p, environ={})
+    def __init__(self, root: Path, tasks: dict | None = None, routes: tuple[dict, ...] | list[dict] = ROUTES,
+                 pipeline: dict | None = None, outbox: dict | None = None, task_tables: dict | None = None) -> None:
+        cfg = {"outbox": {"path": root / "o.db", **(outbox or {})},
+               "pipeline": {"max_json_depth": 16, **(pipeline or {})},
+               "routes": list(routes)}
+        if task_tables:
+            cfg["tasks"] = task_tables
+        self.cfg = config.load(write_toml(root / "c.toml", cfg), environ={})
         self.outbox = Outbox(self.cfg.outbox).open()
         self.acked: list[int] = []
         self.pipeline = Pipeline(self.cfg, tasks if tasks is not None else build_tasks(self.cfg), self.outbox,
@@ -166,9 +167,8 @@ class Picky:
 
 def test_a_task_that_raises_on_one_note_dead_letters_only_that_note(tmp_path: Path) -> None:
     picky = Picky()
-    routes = ('[[routes]]\ntopic = "p/#"\nid_field = "id"\ntasks = ["patterns", "picky"]\n'
-              '[tasks.picky]\nkind = "patterns"\n')
-    rig = Rig(tmp_path, routes=routes)
+    routes = [{"topic": "p/#", "id_field": "id", "tasks": ["patterns", "picky"]}]
+    rig = Rig(tmp_path, routes=routes, task_tables={"picky": {"kind": "patterns"}})
     rig.pipeline.swap(rig.cfg, {**build_tasks(rig.cfg), "picky": picky})
     try:
         texts = ["P-1 ok", "P-2 boom", "P-3 ok", "P-4 nan", "P-5 ok"]
@@ -267,9 +267,10 @@ def test_every_message_ends_as_a_result_or_a_dead_letter_and_the_next_note_gets_
 
 # -- end to end, real broker ----------------------------------------------------------------------------
 def test_poison_messages_through_a_real_broker(tmp_path, broker, collect, publisher, run_agent) -> None:
-    routes = Rig.ROUTES.replace('topic = "p/#"', 'topic = "plant/+/notes"')
+    sparkplug_route, json_route = Rig.ROUTES
+    routes = [sparkplug_route, {**json_route, "topic": "plant/+/notes"}]
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       routes=routes, extra="[pipeline]\nbatch_wait_ms = 200\n")  # fmt: skip
+                       routes=routes, pipeline={"batch_wait_ms": 200})  # fmt: skip
     out = collect(broker.port, "edge/results/#")
     dlq = collect(broker.port, "edge/deadletter")
     agent = run_agent(cfg)
@@ -288,7 +289,7 @@ def test_poison_messages_through_a_real_broker(tmp_path, broker, collect, publis
 
 
 # -- stop during a long model batch (issue 10, item 3) -----------------------------------------------------
-GENERATOR = Path(__file__).resolve().parent.parent / "models" / "smollm2-135m-instruct"
+GENERATOR = REPO / "models" / "smollm2-135m-instruct"
 
 
 def test_a_batch_cut_short_by_stop_is_abandoned_uncommitted_and_redelivered(
@@ -297,19 +298,10 @@ def test_a_batch_cut_short_by_stop_is_abandoned_uncommitted_and_redelivered(
     """SIGTERM while the generator runs a batch longer than drain_timeout_s: nothing of the batch is
     committed (no result made of a shutdown error, under a real result id), its inputs stay unacked, and
     the next session gets them again and publishes their real results."""
-    routes = f"""
-[tasks.extract]
-kind = "generator"
-model = "{GENERATOR}"
-intra_threads = 1
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-tasks = ["extract"]
-"""
-    extra = "[pipeline]\nbatch_max = 16\nbatch_wait_ms = 1500\ndrain_timeout_s = 0.2\n"
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       routes=routes, extra=extra)  # fmt: skip
+                       tasks={"extract": {"kind": "generator", "model": GENERATOR, "intra_threads": 1}},
+                       routes=[{"topic": "plant/+/notes", "id_field": "id", "tasks": ["extract"]}],
+                       pipeline={"batch_max": 16, "batch_wait_ms": 1500, "drain_timeout_s": 0.2})  # fmt: skip
     out = collect(broker.port, "edge/results/#")
     first = run_agent(cfg)
     pub = publisher(broker.port)
@@ -353,9 +345,9 @@ def test_a_dead_letter_keeps_a_bounded_prefix_with_length_and_sha256(rig: Rig) -
 def test_a_flood_of_rate_limited_messages_evicts_no_waiting_result(tmp_path: Path) -> None:
     """Before: 300 rate-limited 32 KiB messages evicted all 1,000 results waiting for the uplink of another
     route. Dead letters have their own bound (outbox.dead_letter_max_bytes) and evict only each other."""
-    routes = ('[[routes]]\ntopic = "a/#"\ntasks = ["patterns"]\n'
-              '[[routes]]\ntopic = "b/#"\ntasks = ["patterns"]\nrate_limit = 1\nrate_burst = 1\n')
-    rig = Rig(tmp_path, routes=routes, outbox="max_bytes = 1048576\ndead_letter_max_bytes = 524288")
+    routes = [{"topic": "a/#", "tasks": ["patterns"]},
+              {"topic": "b/#", "tasks": ["patterns"], "rate_limit": 1, "rate_burst": 1}]
+    rig = Rig(tmp_path, routes=routes, outbox={"max_bytes": 1048576, "dead_letter_max_bytes": 524288})
     try:
         for k in range(10):  # 1,000 results wait (nobody accepts them: the uplink is down)
             rig.pipeline.process([inbound("a/x", b"P-%03d at 4 bar" % (100 * k + i), i + 1) for i in range(100)])
@@ -372,10 +364,10 @@ def test_a_flood_of_rate_limited_messages_evicts_no_waiting_result(tmp_path: Pat
 
 
 def test_results_are_bounded_per_list_and_in_size(tmp_path: Path) -> None:
-    routes = '[[routes]]\ntopic = "p/#"\ntasks = ["patterns"]\n'
+    routes = [{"topic": "p/#", "tasks": ["patterns"]}]
     dense = " ".join(f"P-{100 + i % 900} at {i} bar, {i} degC" for i in range(8000)).encode()  # ~250 KiB
     (tmp_path / "a").mkdir()
-    rig = Rig(tmp_path / "a", routes=routes, pipeline="max_payload_bytes = 1048576\nmax_result_bytes = 65536")
+    rig = Rig(tmp_path / "a", routes=routes, pipeline={"max_payload_bytes": 1048576, "max_result_bytes": 65536})
     try:
         records = rig.run([inbound("p/dense", dense, 1), inbound("p/small", b"P-101 at 4 bar, 80 degC", 2)])
     finally:
@@ -388,7 +380,7 @@ def test_results_are_bounded_per_list_and_in_size(tmp_path: Path) -> None:
     assert too_big["reason"].startswith("result of ") and "pipeline.max_result_bytes is 65536" in too_big["reason"]
 
     (tmp_path / "b").mkdir()
-    rig = Rig(tmp_path / "b", routes=routes, pipeline="max_payload_bytes = 1048576")  # default 1 MiB results
+    rig = Rig(tmp_path / "b", routes=routes, pipeline={"max_payload_bytes": 1048576})  # default 1 MiB results
     try:
         [big] = by_kind(rig.run([inbound("p/dense", dense, 1)]))[0]
     finally:
@@ -423,19 +415,14 @@ def test_a_result_over_the_uplinks_maximum_packet_size_becomes_a_small_dead_lett
     """Mosquitto with max_packet_size 65536 disconnects a client that publishes more, and paho resends it on
     reconnect: before, the uplink was blocked for good. MQTT 5 reads the limit from CONNACK; for 3.1.1 the
     configured sink.max_packet_bytes applies."""
-    from .conftest import Broker
-
     up = Broker(tmp_path / "uplink")
     up.conf.write_text(up.conf.read_text() + "max_packet_size 65536\n")
     up.start()
     try:
-        limit = "" if protocol == "5" else "max_packet_bytes = 65536\n"
-        routes = ('[[routes]]\ntopic = "plant/+/notes"\nid_field = "id"\ntasks = ["patterns"]\n'
-                  "max_payload_bytes = 200000\n")  # fmt: skip
+        limit = {} if protocol == "5" else {"max_packet_bytes": 65536}
+        routes = [{"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"], "max_payload_bytes": 200000}]
         cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=up.port, outbox=tmp_path / "o.db",
-                           routes=routes)  # fmt: skip
-        text = cfg.read_text().replace("[sink]\n", f'[sink]\nprotocol = "{protocol}"\n{limit}', 1)
-        cfg.write_text(text)
+                           routes=routes, sink={"protocol": protocol, **limit})  # fmt: skip
         out = collect(up.port, "edge/results/#")
         dlq = collect(up.port, "edge/deadletter")
         agent = run_agent(cfg)
@@ -472,8 +459,6 @@ def test_check_config_refuses_a_route_that_matches_its_own_output_on_the_same_br
 ) -> None:
     import subprocess
     import sys
-
-    from .conftest import REPO
 
     p = tmp_path / "c.toml"
     p.write_text(f"[source]\nport = 1883\n[sink]\nport = 1883\n{extra}[[routes]]\n{routes}\n")

@@ -13,24 +13,13 @@ import time
 
 from edge_agent.topics import output_topic
 
-from . import test_e2e
-from .conftest import wait_for, write_config
+from .kit import wait_for
+from .kit.config import write_config
 
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
-
-TWO_ROUTES = """
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-tasks = ["patterns"]
-rate_limit = 5
-rate_burst = 5
-
-[[routes]]
-topic = "plant/+/logs"
-id_field = "id"
-tasks = ["patterns"]
-"""
+TWO_ROUTES = [
+    {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"], "rate_limit": 5, "rate_burst": 5},
+    {"topic": "plant/+/logs", "id_field": "id", "tasks": ["patterns"]},
+]
 
 
 def _by_topic(messages: list[dict], suffix: str) -> list[dict]:
@@ -72,22 +61,17 @@ def test_rate_limit_dead_letters_the_excess_and_other_routes_flow(tmp_path, brok
 
 
 def test_route_payload_limit_overrides_the_pipeline_limit(tmp_path, broker, collect, publisher, run_agent):
-    routes = """
-[[routes]]
-topic = "small"
-max_payload_bytes = 100
-[[routes]]
-topic = "default"
-[[routes]]
-topic = "large"
-max_payload_bytes = 5000
-"""
+    routes = [
+        {"topic": "small", "max_payload_bytes": 100},
+        {"topic": "default"},
+        {"topic": "large", "max_payload_bytes": 5000},
+    ]
     cfg = write_config(
         tmp_path / "c.toml",
         source_port=broker.port,
         sink_port=broker.port,
         outbox=tmp_path / "o.db",
-        extra="[pipeline]\nmax_payload_bytes = 1000\n",
+        pipeline={"max_payload_bytes": 1000},
         routes=routes,
     )
     out = collect(broker.port, "edge/results/#")
@@ -128,10 +112,8 @@ NASTY_TEXTS = [
 
 def test_payload_and_topic_text_is_inert(tmp_path, broker, collect, publisher, run_agent):
     sentinel = tmp_path / "pwned"
-    routes = (
-        '[[routes]]\ntopic = "plant/+/notes"\nid_field = "id"\ntasks = ["patterns"]\n'
-        'review_topic = "edge/review/{gateway}/{topic}"\n'
-    )
+    routes = [{"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"],
+               "review_topic": "edge/review/{gateway}/{topic}"}]
     cfg = write_config(
         tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db", routes=routes
     )

@@ -19,26 +19,23 @@ from edge_agent.errors import DeadLetterKind
 from edge_agent.metrics import Metrics
 from edge_agent.pipeline import Outcome
 
-from .conftest import REPO, Broker, accepting, free_port, log_events, wait_for, write_config
+from .kit import REPO, wait_for
+from .kit.agent import log_events
+from .kit.broker import Broker, accepting, free_port
+from .kit.config import write_config
 
 MODEL = REPO / "models" / "minilm-l6"
 
-CLASSIFIER = f"""
-[tasks.category]
-kind = "classifier"
-model = "{MODEL}"
-intra_threads = 1
-[tasks.category.labels]
-leak = "a fluid or gas is leaking"
-noise = "a machine makes unusual noise or vibrates"
-"""
+CLASSIFIER = {
+    "category": {
+        "kind": "classifier",
+        "model": MODEL,
+        "intra_threads": 1,
+        "labels": {"leak": "a fluid or gas is leaking", "noise": "a machine makes unusual noise or vibrates"},
+    }
+}
 
-ROUTES = """
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-tasks = ["patterns", "category"]
-"""
+ROUTES = [{"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns", "category"]}]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -63,7 +60,7 @@ def test_daemon_metrics_match_what_was_sent(tmp_path: Path, broker, spawn_agent,
     uplink = Broker(tmp_path / "uplink")  # not started yet
     port = free_port()
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
-                       extra=f"[metrics]\nenabled = true\nport = {port}\n{CLASSIFIER}", routes=ROUTES)
+                       metrics={"enabled": True, "port": port}, tasks=CLASSIFIER, routes=ROUTES)
     agent = spawn_agent(cfg, tmp_path / "agent.log")
     try:
         assert wait_for(lambda: accepting(port), timeout=60), (tmp_path / "agent.log").read_text()
@@ -134,7 +131,7 @@ def test_rows_the_uplink_refuses_stay_until_it_accepts(tmp_path: Path, broker, s
     port = free_port()
     log = tmp_path / "agent.log"
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
-                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
+                       metrics={"enabled": True, "port": port})
     results = collect(uplink.port, "edge/results/#")
     spawn_agent(cfg, log)
     try:
@@ -175,7 +172,7 @@ def test_metrics_port_in_use_is_a_config_error(tmp_path: Path, broker) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port,
-                           outbox=tmp_path / "o.db", extra=f"[metrics]\nenabled = true\nport = {port}\n")
+                           outbox=tmp_path / "o.db", metrics={"enabled": True, "port": port})
         done = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], cwd=REPO,
                               capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
@@ -214,7 +211,7 @@ def test_idle_connections_cost_a_bounded_number_of_threads(tmp_path: Path, broke
     port = free_port()
     log = tmp_path / "agent.log"
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
+                       metrics={"enabled": True, "port": port})
     agent = spawn_agent(cfg, log)
     assert wait_for(lambda: accepting(port), timeout=60), log.read_text()
     assert wait_for(lambda: value(scrape(port), "edge_agent_connected", connection="sink") == 1.0, timeout=30)
@@ -260,8 +257,7 @@ def test_sink_on_mqtt_311_warns_that_refused_results_are_lost(tmp_path: Path, br
     port = free_port()
     log = tmp_path / "agent.log"
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=uplink.port, outbox=tmp_path / "o.db",
-                       extra=f"[metrics]\nenabled = true\nport = {port}\n")
-    cfg.write_text(cfg.read_text().replace("[sink]\n", '[sink]\nprotocol = "3.1.1"\n'))
+                       metrics={"enabled": True, "port": port}, sink={"protocol": "3.1.1"})
     checked = subprocess.run([sys.executable, "-m", "edge_agent", "check-config", "--config", str(cfg)], cwd=REPO,
                              capture_output=True, text=True, timeout=60)
     assert checked.returncode == 0 and 'warning: sink.protocol = "3.1.1"' in checked.stdout

@@ -25,7 +25,10 @@ from edge_agent.notify import Notifier
 from edge_agent.progress import heartbeat
 from edge_agent.ratelimit import TokenBucket
 
-from .conftest import Broker, Publisher, free_port, wait_for, write_config
+from .kit import wait_for
+from .kit.broker import Broker, free_port
+from .kit.clients import Publisher
+from .kit.config import write_config
 
 
 class NotifyListener:
@@ -90,9 +93,9 @@ def run_in_thread() -> Iterator[Callable[[Agent], None]]:
         agent.notifier.close()
 
 
-def load(tmp_path: Path, source_port: int, sink_port: int, extra: str = "") -> config.Config:
+def load(tmp_path: Path, source_port: int, sink_port: int) -> config.Config:
     cfg = tmp_path / "c.toml"
-    write_config(cfg, source_port=source_port, sink_port=sink_port, outbox=tmp_path / "o.db", extra=extra)
+    write_config(cfg, source_port=source_port, sink_port=sink_port, outbox=tmp_path / "o.db")
     return config.load(cfg, environ={})
 
 

@@ -629,7 +629,9 @@ def test_unusable_outbox_path_is_a_config_error_naming_it(tmp_path: Path, case: 
     import subprocess
     import sys
 
-    from .conftest import REPO, free_port, write_config
+    from .kit import REPO
+    from .kit.broker import free_port
+    from .kit.config import write_config
 
     if case == "parent-is-a-file":
         (tmp_path / "afile").write_text("x")

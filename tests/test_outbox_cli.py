@@ -13,7 +13,9 @@ from edge_agent.cli.main import main
 from edge_agent.config import OutboxConfig
 from edge_agent.outbox.store import Outbox, retained
 
-from .conftest import free_port, wait_for, write_config
+from .kit import wait_for
+from .kit.broker import free_port
+from .kit.config import agent_config, merge, write_config, write_toml
 
 NOW = time.time()
 HOUR = 3600.0
@@ -173,7 +175,7 @@ def test_one_daemon_per_outbox_file_whatever_its_name(tmp_path: Path, broker, sp
     import subprocess
     import sys
 
-    from .conftest import REPO
+    from .kit import REPO
 
     real = tmp_path / "state" / "o.db"
     cfg = write_config(tmp_path / "a.toml", source_port=broker.port, sink_port=free_port(), outbox=real)
@@ -189,9 +191,8 @@ def test_one_daemon_per_outbox_file_whatever_its_name(tmp_path: Path, broker, sp
     (tmp_path / "statelink").symlink_to(tmp_path / "state")
     names = [tmp_path / "link.db", tmp_path / "statelink" / "o.db", Path(os.path.relpath(real, REPO))]
     for name in names:
-        other = write_config(tmp_path / "b.toml", source_port=broker.port, sink_port=free_port(), outbox=name)
-        text = other.read_text().replace('gateway_id = "gw-test"', 'gateway_id = "gw-other"')
-        other.write_text(text)
+        other = write_config(tmp_path / "b.toml", source_port=broker.port, sink_port=free_port(), outbox=name,
+                             gateway_id="gw-other")
         r = subprocess.run([sys.executable, "-m", "edge_agent", "run", "--config", str(other)], cwd=REPO,
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 1 and "in use by a running edge-agent" in r.stderr, (name, r.stderr[-2000:])
@@ -229,12 +230,14 @@ def test_outbox_deleted_under_the_daemon_is_recreated(tmp_path: Path, broker, sp
     import shutil
     import urllib.request
 
-    from .conftest import Broker, Collector, log_events
+    from .kit.agent import log_events
+    from .kit.broker import Broker
+    from .kit.clients import Collector
 
     state = tmp_path / "state"
     sink_port, metrics_port = free_port(), free_port()
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=sink_port, outbox=state / "o.db",
-                       extra=f"[metrics]\nenabled = true\nport = {metrics_port}\n")
+                       metrics={"enabled": True, "port": metrics_port})
     log = tmp_path / "agent.log"
     uplink = Broker(tmp_path / "uplink", port=sink_port).start()  # once, for the consumer's persistent session
     consumer = Collector(uplink.port, "edge/results/#", client_id="consumer")
@@ -288,7 +291,8 @@ def test_forward_clock_step_under_the_daemon_expires_nothing(tmp_path: Path, bro
     import subprocess
     import sys
 
-    from .conftest import REPO, log_events
+    from .kit import REPO
+    from .kit.agent import log_events
 
     offset = tmp_path / "faketime"
     offset.write_text("+0\n")
@@ -306,8 +310,8 @@ def test_forward_clock_step_under_the_daemon_expires_nothing(tmp_path: Path, bro
     env = {**os.environ, "LD_PRELOAD": str(_LIBFAKETIME[0]), "FAKETIME_TIMESTAMP_FILE": str(offset),
            "FAKETIME_NO_CACHE": "1", "DONT_FAKE_MONOTONIC": "1", "FAKETIME_DONT_FAKE_MONOTONIC": "1",
            "PYTHONPATH": os.pathsep.join([str(shim), str(REPO)])}
-    cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=free_port(), outbox=tmp_path / "o.db")
-    cfg.write_text(cfg.read_text().replace("[outbox]\n", "[outbox]\nmax_age_s = 3600\n"))
+    base = agent_config(source_port=broker.port, sink_port=free_port(), outbox=tmp_path / "o.db")
+    cfg = write_toml(tmp_path / "c.toml", merge(base, {"outbox": {"max_age_s": 3600}}))
     log = tmp_path / "agent.log"
     with log.open("ab") as out:
         proc = subprocess.Popen([sys.executable, "-m", "edge_agent", "run", "--config", str(cfg)], cwd=REPO, env=env,

@@ -19,43 +19,30 @@ from edge_agent import config
 from edge_agent.agent import Agent
 from edge_agent.notify import Notifier
 
-from .conftest import REPO, free_port, log_events, wait_for, write_config
+from .kit import REPO, wait_for
+from .kit.agent import log_events
+from .kit.broker import free_port
+from .kit.config import write_config
 
 MODEL = REPO / "models" / "minilm-l6"
 
-ROUTES = """
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-output_topic = "edge/results/{topic}"
-review_topic = "edge/review/{topic}"
-tasks = TASKS
-"""
-
-ALARMS_ROUTE = """
-[[routes]]
-topic = "plant/+/alarms"
-id_field = "id"
-output_topic = "edge/results/{topic}"
-tasks = ["patterns"]
-"""
+ALARMS_ROUTE = {
+    "topic": "plant/+/alarms",
+    "id_field": "id",
+    "output_topic": "edge/results/{topic}",
+    "tasks": ["patterns"],
+}
 
 
-def classifier(threshold: float, labels: dict[str, str]) -> str:
-    rows = "\n".join(f'{k} = "{v}"' for k, v in labels.items())
-    return f"""
-[tasks.kind]
-kind = "classifier"
-model = "{MODEL}"
-threshold = {threshold}
-[tasks.kind.labels]
-{rows}
-"""
+def classifier(threshold: float, labels: dict[str, str]) -> dict:
+    """The `tasks` table: one classifier task, `kind`."""
+    return {"kind": {"kind": "classifier", "model": MODEL, "threshold": threshold, "labels": labels}}
 
 
-def routes(tasks: list[str], *extra: str) -> str:
-    return ROUTES.replace("TASKS", json.dumps(tasks)) + "".join(extra)
-
+def routes(tasks: list[str], *extra: dict) -> list[dict]:
+    notes = {"topic": "plant/+/notes", "id_field": "id", "output_topic": "edge/results/{topic}",
+             "review_topic": "edge/review/{topic}", "tasks": tasks}
+    return [notes, *extra]
 
 
 def start_agent(spawn_agent, broker, cfg: Path, log: Path):
@@ -101,7 +88,7 @@ def test_reload_applies_route_threshold_and_labels_with_no_loss(tmp_path, broker
     new_labels = {**old_labels, "electrical": "electrical fault, tripped breaker, wiring"}
     cfg_args = dict(source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db")
     cfg = write_config(
-        tmp_path / "c.toml", **cfg_args, extra=classifier(0.0, old_labels), routes=routes(["patterns", "kind"])
+        tmp_path / "c.toml", **cfg_args, tasks=classifier(0.0, old_labels), routes=routes(["patterns", "kind"])
     )
     results = collect(broker.port, "edge/results/#")
     review = collect(broker.port, "edge/review/#")
@@ -112,7 +99,7 @@ def test_reload_applies_route_threshold_and_labels_with_no_loss(tmp_path, broker
         assert wait_for(lambda: len(results.json()) >= 30, 90), "the agent did not start serving"
         # New label, threshold 1.0 (every classifier result flagged for review), and a new route.
         write_config(
-            cfg, **cfg_args, extra=classifier(1.0, new_labels), routes=routes(["patterns", "kind"], ALARMS_ROUTE)
+            cfg, **cfg_args, tasks=classifier(1.0, new_labels), routes=routes(["patterns", "kind"], ALARMS_ROUTE)
         )
         agent.proc.send_signal(signal.SIGHUP)
         assert wait_for(lambda: len(review.json()) >= 20, 90), "no result with the new threshold after SIGHUP"
@@ -146,7 +133,6 @@ def test_reload_applies_route_threshold_and_labels_with_no_loss(tmp_path, broker
 def test_invalid_config_rejected_and_old_config_keeps_serving(tmp_path, broker, collect, publisher, spawn_agent):
     cfg_args = dict(source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db")
     cfg = write_config(tmp_path / "c.toml", **cfg_args, routes=routes(["patterns"]))
-    good = cfg.read_text()
     results = collect(broker.port, "edge/results/#")
     log = tmp_path / "agent.log"
     agent = start_agent(spawn_agent, broker, cfg, log)
@@ -156,7 +142,7 @@ def test_invalid_config_rejected_and_old_config_keeps_serving(tmp_path, broker, 
     assert wait_for(lambda: len(results.json()) >= 5, 60)
 
     # 1. A value out of range: rejected at validation, like `check-config` would.
-    cfg.write_text(good.replace("[log]", "[pipeline]\nbatch_max = 0\n[log]"))
+    write_config(cfg, **cfg_args, routes=routes(["patterns"]), pipeline={"batch_max": 0})
     agent.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: log_events(log, "reload.rejected"), 30), log.read_text()[-2000:]
     first = log_events(log, "reload.rejected")[0]
@@ -164,10 +150,8 @@ def test_invalid_config_rejected_and_old_config_keeps_serving(tmp_path, broker, 
 
     # 2. Valid TOML and schema, but a model that cannot load: rejected before anything is swapped.
     missing = tmp_path / "no-such-model"
-    cfg.write_text(
-        good.replace('tasks = ["patterns"]', 'tasks = ["kind"]')
-        + f'\n[tasks.kind]\nkind = "tagger"\nmodel = "{missing}"\nhead = "{missing}/head.npz"\n'
-    )
+    write_config(cfg, **cfg_args, routes=routes(["kind"]),
+                 tasks={"kind": {"kind": "tagger", "model": missing, "head": f"{missing}/head.npz"}})
     agent.proc.send_signal(signal.SIGHUP)
     assert wait_for(lambda: len(log_events(log, "reload.rejected")) >= 2, 60), log.read_text()[-2000:]
     second = log_events(log, "reload.rejected")[1]
@@ -209,9 +193,8 @@ def test_reload_tells_systemd_reloading_then_ready(tmp_path, broker) -> None:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(path)
     sock.settimeout(30)
-    cfg_path = write_config(
-        tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db"
-    )
+    cfg_args = dict(source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db")
+    cfg_path = write_config(tmp_path / "c.toml", **cfg_args)
     agent = Agent(config.load(cfg_path, environ={}), Notifier(path))
     stop, reload = threading.Event(), threading.Event()
     t = threading.Thread(target=agent.run, args=(stop, reload, lambda: config.load(cfg_path, environ={})))
@@ -224,7 +207,7 @@ def test_reload_tells_systemd_reloading_then_ready(tmp_path, broker) -> None:
         fields = sock.recv(1024).decode().splitlines()
         assert fields[0] == "RELOADING=1" and fields[1].startswith("MONOTONIC_USEC=") and int(fields[1][15:]) > 0
         assert sock.recv(1024).decode().splitlines() == ["READY=1", "STATUS=running"]
-        cfg_path.write_text(cfg_path.read_text().replace("[log]", "[pipeline]\nbatch_max = 0\n[log]"))
+        write_config(cfg_path, **cfg_args, pipeline={"batch_max": 0})
         reload.set()
         assert sock.recv(1024).decode().startswith("RELOADING=1")
         assert sock.recv(1024).decode().splitlines() == [

@@ -22,8 +22,11 @@ from paho.mqtt.properties import Properties
 from edge_agent import config
 from edge_agent.errors import ConfigError
 
-from .conftest import Broker, Collector, wait_for
-from .kit import Running
+from .kit import wait_for
+from .kit.agent import Running
+from .kit.broker import Broker
+from .kit.clients import Collector
+from .kit.config import write_config
 
 ROUTE = {"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"]}
 
@@ -181,44 +184,22 @@ def test_mosquitto_holds_no_more_than_max_queued_messages_for_a_dead_member(tmp_
 # -- three agents, one group -----------------------------------------------------------------------------
 
 
-def member_config(path: Path, *, port: int, member: str, outbox: Path) -> Path:
+def member_config(path: Path, *, port: int, member: str, outbox: Path, share_group: str | None = "edge") -> Path:
     """One member: the group's gateway id (so every member computes the same result ids), its own source
-    client id, outbox and status topic."""
-    path.write_text(f"""
-gateway_id = "gw-scale"
-[source]
-port = {port}
-keepalive = 5
-reconnect_min_delay = 0.1
-reconnect_max_delay = 0.5
-share_group = "edge"
-client_id = "{member}"
-[sink]
-port = {port}
-keepalive = 5
-reconnect_min_delay = 0.1
-reconnect_max_delay = 0.5
-status_topic = "edge/status/{{gateway}}/{member}"
-[outbox]
-path = "{outbox}"
-[log]
-level = "info"
-format = "json"
-
-[[routes]]
-topic = "plant/+/notes"
-id_field = "id"
-output_topic = "edge/results/{{topic}}"
-tasks = ["patterns"]
-""")
-    return path
+    client id, outbox and status topic; with share_group None, the same agent outside any group."""
+    source = {"client_id": member} if share_group is None else {"share_group": share_group, "client_id": member}
+    return write_config(path, source_port=port, sink_port=port, outbox=outbox, gateway_id="gw-scale",
+                        source=source, sink={"replay_rate": 500, "status_topic": f"edge/status/{{gateway}}/{member}"},
+                        log={"level": "info"},
+                        routes=[{"topic": "plant/+/notes", "id_field": "id", "output_topic": "edge/results/{topic}",
+                                 "tasks": ["patterns"]}])
 
 
 def test_joining_a_group_drops_the_plain_subscription_of_an_old_session(tmp_path: Path, broker: Broker, publisher):
     """An agent that ran without a group left `plant/+/notes` in its persistent session; once it joins a
     group it must get its share only, not every message on top of it."""
-    alone = member_config(tmp_path / "alone.toml", port=broker.port, member="edge-a", outbox=tmp_path / "a.db")
-    alone.write_text(alone.read_text().replace('share_group = "edge"\n', ""))
+    alone = member_config(tmp_path / "alone.toml", port=broker.port, member="edge-a", outbox=tmp_path / "a.db",
+                          share_group=None)
     first = Running(alone)
     assert wait_for(lambda: "edge-a 1 plant/+/notes" in broker.log(), 30)
     first.stop()

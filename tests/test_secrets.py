@@ -23,7 +23,9 @@ from edge_agent.errors import ConfigError
 from edge_agent.mqtt.client import preflight
 from edge_agent.mqtt.credentials import password
 
-from .conftest import REPO, Broker, free_port, wait_for, write_config
+from .kit import REPO, wait_for
+from .kit.broker import Broker, free_port
+from .kit.config import write_config
 
 MOSQUITTO_PASSWD = shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd"
 ROUTE = '[[routes]]\ntopic = "plant/+/notes"\n'
@@ -60,14 +62,11 @@ def _daemon_config(tmp_path, broker, monkeypatch, source_pw: str, sink_pw: str, 
         source_port=broker.auth_port,
         sink_port=broker.auth_port,
         outbox=tmp_path / f"{tag}.db",
-        routes=ROUTE + 'id_field = "id"\ntasks = ["patterns"]\n',
+        routes=[{"topic": "plant/+/notes", "id_field": "id", "tasks": ["patterns"]}],
+        log={"level": "debug"},
+        source={"username": "edge", "password_file": tmp_path / f"source-{tag}.pw"},
+        sink={"username": "edge", "password_credential": "uplink-password"},
     )
-    text = cfg.read_text().replace('level = "warning"', 'level = "debug"')
-    text = text.replace(
-        "[source]\n", f'[source]\nusername = "edge"\npassword_file = "{tmp_path / f"source-{tag}.pw"}"\n'
-    )
-    text = text.replace("[sink]\n", '[sink]\nusername = "edge"\npassword_credential = "uplink-password"\n')
-    cfg.write_text(text)
     return cfg
 
 

@@ -11,8 +11,10 @@ from edge_agent import sparkplug_b_pb2 as spb
 from edge_agent.errors import DecodeError
 from edge_agent.sparkplug import decode_sparkplug
 
-from .conftest import Broker, wait_for, write_config
-from .kit import Running
+from .kit import wait_for
+from .kit.agent import Running
+from .kit.broker import Broker
+from .kit.config import write_config
 
 STRING, DOUBLE = 12, 10  # Sparkplug B DataType values
 DDATA = "spBv1.0/plant1/DDATA/edge1/press3"
@@ -82,19 +84,18 @@ def test_what_is_not_sparkplug_is_rejected_with_a_reason(raw: bytes, topic: str,
     assert e.value.reason.startswith(reason)
 
 
-ROUTE = """
-[[routes]]
-topic = "spBv1.0/+/DDATA/+/+"
-format = "sparkplug"
-text_metric = "Note"
-output_topic = "edge/results/{topic}"
-tasks = ["patterns"]
-"""
+ROUTE = {
+    "topic": "spBv1.0/+/DDATA/+/+",
+    "format": "sparkplug",
+    "text_metric": "Note",
+    "output_topic": "edge/results/{topic}",
+    "tasks": ["patterns"],
+}
 
 
 def test_sparkplug_notes_end_to_end(tmp_path: Path, broker: Broker, collect, publisher) -> None:
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       routes=ROUTE)
+                       routes=[ROUTE])
     out = collect(broker.port, "edge/#")
     agent = Running(cfg)
     try:

@@ -23,7 +23,7 @@ from edge_agent.train import tagger as tagger_train
 REPO = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("EDGE_AGENT_MODEL_DIR", REPO / "models" / "minilm-l6"))
 DATA = REPO.parent / "shared" / "data" / "maintie_gold.jsonl"
-OPTS = tagger.Options()  # the defaults: 8 epochs, seed 0
+OPTS = tagger.Features()  # the defaults: 8 epochs, seed 0
 # Measured on these 50 rows after training on the 150: micro-F1 0.764 (seed 0; seeds 1-3: 0.771, 0.755, 0.727).
 # The floor leaves room for CPU/BLAS differences and still fails when the head stops learning: tagging
 # every word as a PhysicalObject scores 0.31 here.
@@ -108,7 +108,7 @@ def test_labels_then_decode_give_back_the_gold_entities(rows) -> None:
     tok = tokenizers.Tokenizer.from_file(str(MODEL / "tokenizer.json"))
     tok.no_padding()
     types = sorted({e["type"] for ex in rows for e in ex["entities"]})
-    decoder = tagger.TaggerHead({}, types, tagger.Options(layers=2), {})
+    decoder = tagger.TaggerHead({}, types, tagger.Features(layers=2), {})
     lost = 0
     for ex in rows:
         enc = tok.encode(ex["text"])

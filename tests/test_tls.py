@@ -19,10 +19,9 @@ from edge_agent import config
 from edge_agent.errors import ConfigError
 from edge_agent.mqtt.client import preflight
 
-from . import test_e2e
-from .conftest import REPO, Broker, accepting, free_port, wait_for, write_config
-
-run_agent = test_e2e.run_agent  # the fixture: an in-process Agent on a thread
+from .kit import REPO, wait_for
+from .kit.broker import Broker, accepting, free_port
+from .kit.config import write_config, write_toml
 
 CA_CNF = """[ca]
 default_ca = d
@@ -111,26 +110,27 @@ def tb(tmp_path_factory: pytest.TempPathFactory):
     b.broker.stop()
 
 
-def tls_table(section: str, ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> str:
-    lines = [f"[{section}.tls]"]
+def tls_table(section: str, ca: Path | None = None, cert: tuple[Path, Path] | None = None) -> dict:
+    """The `[<section>.tls]` table, as {section: {"tls": ...}}."""
+    tls: dict[str, Path] = {}
     if ca:
-        lines.append(f'ca_file = "{ca}"')
+        tls["ca_file"] = ca
     if cert:
-        lines += [f'cert_file = "{cert[0]}"', f'key_file = "{cert[1]}"']
-    return "\n".join(lines) + "\n"
+        tls["cert_file"], tls["key_file"] = cert
+    return {section: {"tls": tls}}
 
 
 @pytest.mark.parametrize("mutual", ["sink", "source"])
 def test_notes_flow_over_tls_and_mutual_tls(tmp_path, tb, collect, publisher, run_agent, mutual):
     """One connection over TLS (server verified), the other over mutual TLS with a client certificate."""
     other = "source" if mutual == "sink" else "sink"
-    extra = tls_table(mutual, tb.ca, tb.client) + tls_table(other, tb.ca)
+    extra = {**tls_table(mutual, tb.ca, tb.client), **tls_table(other, tb.ca)}
     cfg = write_config(
         tmp_path / "c.toml",
         source_port=tb.port["mtls" if mutual == "source" else "tls"],
         sink_port=tb.port["mtls" if mutual == "sink" else "tls"],
         outbox=tmp_path / "o.db",
-        extra=extra,
+        **extra,
     )
     plain = tb.broker.port
     out = collect(plain, f"edge/results/plant/{mutual}/#")
@@ -163,7 +163,7 @@ CASES = {
 def test_tls_failures_are_logged_with_the_fix(tmp_path, tb, spawn_agent, case):
     src_l, src_tls, sink_l, sink_tls, src_expect, sink_expect = CASES[case]
 
-    def table(section: str, what: str) -> str:
+    def table(section: str, what: str) -> dict:
         return tls_table(section, tb.ca, tb.rogue_client if what == "rogue-client" else None)
 
     ports = {**tb.port, "plain": tb.broker.port}
@@ -172,7 +172,8 @@ def test_tls_failures_are_logged_with_the_fix(tmp_path, tb, spawn_agent, case):
         source_port=ports[src_l],
         sink_port=ports[sink_l],
         outbox=tmp_path / "o.db",
-        extra=table("source", src_tls) + table("sink", sink_tls),
+        **table("source", src_tls),
+        **table("sink", sink_tls),
     )
     logpath = tmp_path / "agent.log"
     agent = spawn_agent(cfg, logpath)
@@ -193,10 +194,8 @@ def test_tls_failures_are_logged_with_the_fix(tmp_path, tb, spawn_agent, case):
         assert err in e["error"] and hint in e["hint"], e
 
 
-def _cfg(tmp_path: Path, extra: str) -> config.Config:
-    p = tmp_path / "c.toml"
-    p.write_text(extra + '[[routes]]\ntopic = "a"\n')
-    return config.load(p, environ={})
+def _cfg(tmp_path: Path, extra: dict) -> config.Config:
+    return config.load(write_toml(tmp_path / "c.toml", {**extra, "routes": [{"topic": "a"}]}), environ={})
 
 
 def test_bad_tls_files_fail_at_start_naming_the_key(tmp_path, tb) -> None:
@@ -222,12 +221,11 @@ def test_bad_tls_files_fail_at_start_naming_the_key(tmp_path, tb) -> None:
 
 @pytest.mark.parametrize("cmd", ["check-config", "run"])
 def test_cli_exit_2_on_a_missing_cert(tmp_path, tb, cmd) -> None:
-    p = tmp_path / "c.toml"
-    p.write_text(
-        f'[outbox]\npath = "{tmp_path / "o.db"}"\n'
-        + tls_table("sink", tb.ca, (tmp_path / "gone.pem", tb.client[1]))
-        + '[[routes]]\ntopic = "a"\n'
-    )
+    p = write_toml(tmp_path / "c.toml", {
+        "outbox": {"path": tmp_path / "o.db"},
+        **tls_table("sink", tb.ca, (tmp_path / "gone.pem", tb.client[1])),
+        "routes": [{"topic": "a"}],
+    })
     r = subprocess.run(
         [sys.executable, "-m", "edge_agent", cmd, "--config", str(p)],
         capture_output=True, text=True, cwd=REPO, timeout=60,

@@ -13,19 +13,21 @@ from edge_agent.errors import ConfigError
 from edge_agent.outbox.store import retained, split_retain
 from edge_agent.topics import first_asset, output_topic, segments
 
-from .conftest import Broker, Collector, wait_for, write_config
-from .kit import Running
+from .kit import wait_for
+from .kit.agent import Running
+from .kit.broker import Broker
+from .kit.clients import Collector
+from .kit.config import write_config
 
 SEGMENTS = ["enterprise", "site", "area", "line"]
-UNS_ROUTE = f"""
-[[routes]]
-topic = "acme/+/+/+/notes"
-id_field = "id"
-topic_segments = {json.dumps(SEGMENTS)}
-output_topic = "uns/{{enterprise}}/{{site}}/{{area}}/{{line}}/notes/results"
-retain_latest_topic = "uns/{{site}}/{{area}}/{{line}}/{{asset}}/latest"
-tasks = ["patterns"]
-"""
+UNS_ROUTE = {
+    "topic": "acme/+/+/+/notes",
+    "id_field": "id",
+    "topic_segments": SEGMENTS,
+    "output_topic": "uns/{enterprise}/{site}/{area}/{line}/notes/results",
+    "retain_latest_topic": "uns/{site}/{area}/{line}/{asset}/latest",
+    "tasks": ["patterns"],
+}
 
 
 def route(**kw: object) -> dict:
@@ -77,7 +79,7 @@ def test_bad_templates_fail_at_load_naming_the_field(extra: dict, field: str) ->
 
 def test_latest_result_per_asset_is_retained_for_late_subscribers(tmp_path: Path, broker: Broker, collect, publisher):
     cfg = write_config(tmp_path / "c.toml", source_port=broker.port, sink_port=broker.port, outbox=tmp_path / "o.db",
-                       routes=UNS_ROUTE)
+                       routes=[UNS_ROUTE])
     out = collect(broker.port, "uns/#")
     agent = Running(cfg)
     try:

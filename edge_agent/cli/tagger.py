@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..tasks.tagger import Options, TaggerHead
+from ..tasks.tagger import Features, TaggerHead
 from .exit_codes import guarded
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     examples = load_examples(args.examples, args.format)
     dev = load_examples(args.dev, args.format) if args.dev else None
-    opts = replace(Options(), **{k: v for k in ("epochs", "seed") if (v := getattr(args, k)) is not None})
+    opts = replace(Features(), **{k: v for k in ("epochs", "seed") if (v := getattr(args, k)) is not None})
     head = train(_encoder(args), examples, opts, dev, lambda m: print(f"edge-agent tagger: {m}", file=sys.stderr))
     head.save(args.out)
     print(json.dumps({"head": str(args.out), "types": head.types, **head.info}))

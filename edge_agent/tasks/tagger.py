@@ -27,12 +27,12 @@ import numpy as np
 
 from ..errors import ModelError
 
-FORMAT = "edge-agent/tagger-head/1"
+HEAD_FORMAT = "edge-agent/tagger-head/1"
 Piece = tuple[int, int, int, int]  # char start, char end, first token, end token
 
 
 @dataclass(frozen=True)
-class Options:
+class Features:
     """Feature and training settings, stored in the head. Chosen on MaintIE dev rows (bench/accuracy_maintie.py)."""
 
     window: int = 2  # neighbour pieces whose states are concatenated, each side
@@ -99,7 +99,7 @@ def _lexical(text: str, spans: list[Piece], bits: int) -> np.ndarray:
     return np.asarray(ids, dtype=np.int32).reshape(n, 16)
 
 
-def featurize(text: str, ts: Any, opts: Options) -> tuple[list[Piece], np.ndarray, np.ndarray]:
+def featurize(text: str, ts: Any, opts: Features) -> tuple[list[Piece], np.ndarray, np.ndarray]:
     """Pieces, dense features [n, (2*window+1)*dim] (zeros past the ends) and lexical ids [n, 16]."""
     spans = pieces(text, ts.offsets, ts.special)
     n, w, dim = len(spans), opts.window, ts.states.shape[1]
@@ -180,7 +180,7 @@ def _runs(path: Sequence[int], probs: np.ndarray) -> list[tuple[int, int, int, f
 # ---------------------------------------------------------------- the head
 
 class TaggerHead:
-    def __init__(self, params: dict[str, np.ndarray], types: list[str], opts: Options, model: dict[str, str],
+    def __init__(self, params: dict[str, np.ndarray], types: list[str], opts: Features, model: dict[str, str],
                  info: dict[str, Any] | None = None) -> None:
         self.params, self.types, self.opts, self.model, self.info = params, types, opts, model, info or {}
 
@@ -189,7 +189,7 @@ class TaggerHead:
         return {"name": str(manifest.get("name")), "sha256": str(manifest["files"]["model.bin"])}
 
     def save(self, path: Path | str) -> None:
-        meta = {"format": FORMAT, "types": self.types, "options": asdict(self.opts), "model": self.model,
+        meta = {"format": HEAD_FORMAT, "types": self.types, "options": asdict(self.opts), "model": self.model,
                 "info": self.info}
         with open(path, "wb") as f:  # np.savez given a path would append ".npz"
             arrays: dict[str, Any] = {"meta": np.array(json.dumps(meta)), **self.params}
@@ -202,9 +202,9 @@ class TaggerHead:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(str(z["meta"]))
                 params = {k: z[k] for k in z.files if k != "meta"}
-            if meta.get("format") != FORMAT:
-                raise ValueError(f"not an {FORMAT} file; train one with `edge-agent tagger train`")
-            head = cls(params, list(meta["types"]), Options(**meta["options"]), meta["model"], meta.get("info"))
+            if meta.get("format") != HEAD_FORMAT:
+                raise ValueError(f"not an {HEAD_FORMAT} file; train one with `edge-agent tagger train`")
+            head = cls(params, list(meta["types"]), Features(**meta["options"]), meta["model"], meta.get("info"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise ModelError(f"cannot read tagger head {path}: {e}") from e
         have = cls.model_identity(manifest) if manifest is not None else head.model

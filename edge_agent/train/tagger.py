@@ -9,7 +9,6 @@ daemon loads at run time.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from ..errors import InputError
-from ..tasks.tagger import Options, TaggerHead, featurize, labels
+from ..tasks.tagger import Features, TaggerHead, featurize, labels
+from .examples import read_jsonl
 
 # ---------------------------------------------------------------- examples and scoring
 
@@ -50,13 +50,7 @@ def from_maintie(row: dict[str, Any], level: int = 1) -> dict[str, Any]:
 
 def load_examples(path: Path, fmt: str = "edge-agent") -> list[dict[str, Any]]:
     """JSONL examples, checked; `fmt="maintie"` converts MaintIE rows with `from_maintie`."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                rows.extend([json.loads(line)] if line.strip() else [])
-            except ValueError as e:
-                raise InputError(f"{path} line {n}: not JSON ({e})") from e
+    rows = [row for _, row in read_jsonl(path)]
     return check_examples([from_maintie(r) for r in rows] if fmt == "maintie" else rows, str(path))
 
 
@@ -76,7 +70,7 @@ def entity_f1(gold: Sequence[Sequence[dict[str, Any]]], pred: Sequence[Sequence[
 
 # ---------------------------------------------------------------- training
 
-def train(encoder: Any, examples: Sequence[dict[str, Any]], opts: Options = Options(),
+def train(encoder: Any, examples: Sequence[dict[str, Any]], opts: Features = Features(),
           dev: Sequence[dict[str, Any]] | None = None, progress: Any = None) -> TaggerHead:
     """Fit a head on checked examples. With `dev` rows, keep the epoch with the best dev micro-F1."""
     say = progress or (lambda _msg: None)

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import AgentProcess, Broker, Collector, wait_for, write_config
+from ..kit import wait_for
+from ..kit.agent import AgentProcess
+from ..kit.broker import Broker
+from ..kit.clients import Collector
+from ..kit.config import agent_config, write_toml
+from ..kit.proxy import FaultProxy
 from .harness import AgentLog, Feeder, Verdict, events, judge, report
-from .proxy import FaultProxy
 
 
 class Rig:
@@ -43,15 +47,15 @@ class Rig:
         self.kills = 0  # SIGKILLs of the agent
         self.configure()
 
-    def configure(self, *, replay_rate: float = 1000, max_bytes: int | None = None, extra: str = "") -> None:
+    def configure(self, *, replay_rate: float = 1000, max_bytes: int | None = None, drain_timeout_s: float = 2) -> None:
         """Write the agent's config: keepalive 5 s on both sides, reconnect delays 0.1-0.5 s, the sink
         through the proxy, logs at info (one JSON line per message: the agent's own counters)."""
-        write_config(self.cfg, source_port=self.source.port, sink_port=self.proxy.port, outbox=self.outbox,
-                     extra=extra or "[pipeline]\ndrain_timeout_s = 2")
-        text = self.cfg.read_text().replace('level = "warning"', 'level = "info"')
+        cfg = agent_config(source_port=self.source.port, sink_port=self.proxy.port, outbox=self.outbox,
+                           pipeline={"drain_timeout_s": drain_timeout_s}, log={"level": "info"},
+                           sink={"replay_rate": replay_rate})
         if max_bytes is not None:
-            text = text.replace(f'path = "{self.outbox}"', f'path = "{self.outbox}"\nmax_bytes = {max_bytes}')
-        self.cfg.write_text(text.replace("replay_rate = 2000", f"replay_rate = {replay_rate}"))
+            cfg["outbox"]["max_bytes"] = max_bytes
+        write_toml(self.cfg, cfg)
 
     # the agent ------------------------------------------------------------------------------------
     def lines(self) -> list[dict]:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from ..conftest import wait_for
+from ..kit import wait_for
 from .harness import SCALE, TIMEOUT_S, seconds
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]
@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]
 def test_agent_sigkilled_five_times_then_sigterm_mid_drain(rig):
     # A slow replay, so that the drain after an outage takes seconds and a SIGTERM can land inside it;
     # a short drain timeout, so that the stop does not simply finish the drain first.
-    rig.configure(replay_rate=150, extra="[pipeline]\ndrain_timeout_s = 1")
+    rig.configure(replay_rate=150, drain_timeout_s=1)
     rig.start_agent()
     feeder = rig.feed("kill")
     assert rig.wait_results(50)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from ..conftest import wait_for
+from ..kit import wait_for
 from .harness import TIMEOUT_S, seconds
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]
@@ -94,7 +94,7 @@ def test_expire_failing_on_a_full_disk_does_not_stop_the_daemon(tmp_path, monkey
     from edge_agent.errors import OutboxError
     from edge_agent.mqtt.source import Source
 
-    from ..conftest import write_config
+    from ..kit.config import write_config
 
     cfg = config.load(write_config(tmp_path / "c.toml", source_port=1, sink_port=1, outbox=tmp_path / "o.db"),
                       environ={})

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from .proxy import FaultProxy
+from ..kit.proxy import FaultProxy
 
 pytestmark = pytest.mark.chaos
 

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from ..conftest import wait_for
+from ..kit import wait_for
 from .harness import TIMEOUT_S, seconds
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(TIMEOUT_S)]

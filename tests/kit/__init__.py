@@ -1,39 +1,30 @@
-"""What the tests share: harness pieces that more than one test module needs.
+"""The test kit: the real parts that tests and benches start, one of each, with no pytest in it.
 
-First piece: `Running`, the Agent on a thread (in-process), started against a config file and stopped through
-its injected stop event. (Broker, free_port, wait_for, publisher/collector and write_config still live in
-tests/conftest.py.)
+- `broker.py`: `Broker` (a real Mosquitto on a free loopback port), `free_port`, `accepting`
+- `clients.py`: `Collector` (a plant consumer that records), `Publisher` (a plant producer)
+- `agent.py`: `Running` (the Agent on a thread, in-process), `AgentProcess` (the daemon as a subprocess),
+  `log_events` (the records of one event in the daemon's JSON log)
+- `config.py`: the agent's config as a dict written to TOML (`agent_config`, `write_config`)
+- `proxy.py`: `FaultProxy`, a TCP proxy that breaks the link on command
+- here: `REPO`, `wait_for`
+
+tests/conftest.py wraps them in fixtures that clean up after a test; bench/ imports them directly.
 """
 
 from __future__ import annotations
 
-import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from edge_agent import config
-from edge_agent.agent import Agent
-
-from ..conftest import wait_for
+REPO = Path(__file__).resolve().parent.parent.parent
 
 
-class Running:
-    def __init__(self, cfg_path: Path) -> None:
-        self.agent = Agent(config.load(cfg_path, environ={}))
-        self.stop_event = threading.Event()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        assert wait_for(lambda: self.agent.source is not None and self.agent.source.connected.is_set(), 15)
-
-    def _run(self) -> None:
-        try:
-            self.agent.run(self.stop_event)
-        except BaseException as e:  # surfaced by stop()
-            self.error = e
-
-    def stop(self) -> None:
-        self.stop_event.set()
-        self.thread.join(30)
-        assert not self.thread.is_alive()
-        if self.error:
-            raise self.error
+def wait_for(predicate: Callable[[], bool], timeout: float = 20.0, interval: float = 0.02) -> bool:
+    """Poll until predicate() is true or timeout seconds passed; the last answer is returned."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return predicate()

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from ..conftest import REPO, wait_for
+from ..kit import REPO, wait_for
 
 FUSERMOUNT = shutil.which("fusermount3") or shutil.which("fusermount")
 

@@ -37,8 +37,12 @@ from pathlib import Path
 import pytest
 
 from ..chaos.harness import Feeder
-from ..chaos.proxy import FaultProxy
-from ..conftest import Broker, Collector, log_events, wait_for, write_config
+from ..kit import wait_for
+from ..kit.agent import log_events
+from ..kit.broker import Broker
+from ..kit.clients import Collector
+from ..kit.config import write_config
+from ..kit.proxy import FaultProxy
 from .mount import LazyMount, read_outbox, require_fuse
 
 CUTS = int(os.environ.get("EDGE_AGENT_POWER_CUTS", "24"))
@@ -100,8 +104,7 @@ def test_power_cut_at_random_points_loses_nothing(tmp_path: Path, spawn_agent) -
     # The daemon makes the outbox directory itself, as on a fresh gateway.
     outbox = disk.mountpoint / "state" / "outbox.db"
     cfg = write_config(tmp_path / "agent.toml", source_port=source.port, sink_port=proxy.port, outbox=outbox,
-                       extra="[pipeline]\ndrain_timeout_s = 2")
-    cfg.write_text(cfg.read_text().replace('level = "warning"', 'level = "info"'))
+                       pipeline={"drain_timeout_s": 2}, log={"level": "info"})
     logs: list[Path] = []
     feeder: BigFeeder | None = None
     cuts: list[dict] = []
