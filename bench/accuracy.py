@@ -39,7 +39,7 @@ import numpy as np
 
 from edge_agent.models.encoder import Encoder
 from edge_agent.tasks import classifier as clf
-from edge_agent.train import classifier as classifier_train
+from edge_agent.tasks import fit as classifier_train
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(os.environ.get("EDGE_AGENT_DATA") or REPO.parent / "shared" / "data")

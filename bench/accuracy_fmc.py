@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from edge_agent.models.encoder import Encoder  # noqa: E402
 from edge_agent.tasks import classifier as clf  # noqa: E402
-from edge_agent.train import classifier as classifier_train  # noqa: E402
+from edge_agent.tasks import fit as classifier_train  # noqa: E402
 
 C = 10.0
 SEEDS = (0, 1)

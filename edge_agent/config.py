@@ -325,6 +325,11 @@ class ClassifierTaskConfig(_EncoderTask):
     )
     threshold: float = Field(0.0, ge=0, le=1, description="below this score the result is flagged for review")
     allow_new_labels: bool = Field(False, description="accept corrections with a label the task does not have yet")
+    learn: bool = Field(False, description="retrain the head on the gateway from corrections (needs [feedback])")
+    examples: Path | None = Field(None, description="the head's original {text, label} rows, kept in every retrain")
+    retrain_every: int = Field(25, ge=1, le=100_000, description="retrain after this many new corrections")
+    retrain_interval_s: float = Field(3600.0, gt=0, description="or after this long, when any correction is new")
+    holdout: float = Field(0.2, gt=0, lt=1, description="share of corrections held back to judge old vs new head")
 
     @model_validator(mode="after")
     def _head_or_labels(self) -> ClassifierTaskConfig:
@@ -642,6 +647,14 @@ class Config(_Frozen):
                         f"(e.g. {topic!r}): it would process its own output, forever",
                         "narrow the route's topic filter, or publish to topics outside it (or to another broker)",
                     )
+        return self
+
+    @model_validator(mode="after")
+    def _learning_needs_feedback(self) -> Config:
+        for name, t in self.tasks.items():
+            if getattr(t, "learn", False) and not self.feedback.enabled:
+                raise ConfigError(f"tasks.{name}.learn", "a task that learns from corrections needs them",
+                                  "set [feedback] enabled = true, or learn = false")
         return self
 
     def task(self, name: str) -> TaskConfig:

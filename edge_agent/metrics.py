@@ -127,6 +127,11 @@ class Metrics:
     def watch(self, outbox: Outbox, source: Source, sink: Sink) -> None:
         self.registry.register(_StateCollector(outbox, source, sink))
 
+    def watch_learning(self, agent: Any) -> None:
+        """Corrections and on-gateway retraining, read from the agent's pipeline and learners at scrape time
+        (both are replaced by a reload, so the agent, which owns them, is what is watched)."""
+        self.registry.register(_LearningCollector(agent))
+
     def loaded(self, tasks: Mapping[str, Any]) -> None:
         """Export each model task's manifest identity (name, kind, quantization, weights sha256)."""
         for name, task in tasks.items():
@@ -164,6 +169,36 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+class _LearningCollector(Collector):
+    def __init__(self, agent: Any) -> None:
+        self._agent = agent
+
+    def describe(self) -> list[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        pipeline = self._agent.pipeline
+        if pipeline is None:
+            return
+        received = CounterMetricFamily("edge_agent_corrections", "Corrections accepted on the feedback topic, per "
+                                       "task", labels=["task"])  # fmt: skip
+        for task, n in sorted(pipeline.corrections.items()):
+            received.add_metric([task], n)
+        yield received
+        learners = dict(self._agent.learners)
+        agreement = GaugeMetricFamily("edge_agent_live_agreement", "Share of the last 100 corrections of a "
+                                      "published result that the live head had already got right", labels=["task"])
+        runs = CounterMetricFamily("edge_agent_retrains", "Head retrains on the gateway, by outcome",
+                                   labels=["task", "outcome"])
+        for name, lr in sorted(learners.items()):
+            if lr.agreement:
+                agreement.add_metric([name], sum(lr.agreement) / len(lr.agreement))
+            runs.add_metric([name, "swapped"], lr.swaps)
+            runs.add_metric([name, "rejected"], lr.rejections)
+        yield agreement
+        yield runs
 
 
 class _StateCollector(Collector):

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
@@ -50,6 +50,7 @@ from .tasks.base import Task
 from .topics import first_asset, output_topic, segments
 
 if TYPE_CHECKING:
+    from .learn import Learner
     from .metrics import Metrics
 
 log = structlog.get_logger(__name__)
@@ -104,6 +105,7 @@ class _Made:
     dead: list[Row] = field(default_factory=list)  # dead letters: their own bound in the outbox
     recent: list[tuple[str, float, bytes]] = field(default_factory=list)  # results kept for the digest
     feedback: list[tuple] = field(default_factory=list)  # corrections received (feedback.Correction.row)
+    corrected: list[feedback.Correction] = field(default_factory=list)
     outcomes: list[Outcome] = field(default_factory=list)
     routes_in: Counter[str] = field(default_factory=Counter)  # (message, route) pairs taken, per route filter
 
@@ -123,8 +125,9 @@ def describe(e: BaseException) -> str:
 class Pipeline:
     def __init__(self, cfg: Config, tasks: dict[str, Task], outbox: Outbox, inbox: queue.Queue, ack: Ack,
                  on_commit: Callable[[], None], metrics: Metrics | None = None,
-                 digester: Digester | None = None) -> None:
+                 digester: Digester | None = None, learners: Mapping[str, Learner] | None = None) -> None:
         self._cfg = cfg
+        self._learners = dict(learners or {})  # task name -> its on-gateway retraining (learn = true)
         self._digester = digester  # results are kept for it, and digest requests answered, when configured
         self._limits = cfg.pipeline
         self._tasks = tasks
@@ -189,6 +192,7 @@ class Pipeline:
         for pendings in by_route.values():
             self._run_route(pendings, made)
         self._commit(batch, made)
+        self._learn(made)
         try:
             self._report(made)
         except Exception:  # committed and acked: a failure to log must never make us process it again
@@ -321,10 +325,28 @@ class Pipeline:
             self._dead_letter(made, item, None, e.kind, e.reason)
             return
         made.feedback.append(c.row(item.received_at, item.topic))
+        made.corrected.append(c)
         self.corrections[c.task] += 1
         log.info("feedback.accepted", task=c.task, label=c.label, fields=c.fields, result_id=c.result_id,
                  agreed=c.agreed)
         made.outcomes.append(Outcome(item.topic, item.received_at, "ok", item.topic, c.result_id))
+
+    def _learn(self, made: _Made) -> None:
+        """After the commit (the corrections are durable), between two batches: a task due for it retrains.
+        A failed retrain keeps the live head; it is never a reason to fail or repeat the batch."""
+        for name, learner in self._learners.items():
+            mine = [c for c in made.corrected if c.task == name and c.label is not None]
+            if mine:
+                learner.noted(len(mine), [c.agreed for c in mine if c.agreed is not None])
+            if not learner.due():
+                continue
+            try:
+                self.heartbeat()
+                outcome = learner.retrain()
+                log.info("learn.retrained", **outcome)
+            except Exception:
+                log.exception("learn.retrain_failed", task=name, kept="the live head")
+            self.heartbeat()
 
     def _allows_new_labels(self, task: str) -> bool:
         return bool(getattr(self._cfg.tasks.get(task), "allow_new_labels", False))
@@ -473,7 +495,7 @@ class Pipeline:
                     return
                 delay = min(delay * 2, 30.0)
 
-    def swap(self, cfg: Config, tasks: dict[str, Task]) -> None:
+    def swap(self, cfg: Config, tasks: dict[str, Task], learners: Mapping[str, Learner] | None = None) -> None:
         """Replace routes, limits and tasks between two batches (hot reload).
 
         The batch in progress finishes with the old set; the next one, including messages already queued,
@@ -481,6 +503,7 @@ class Pipeline:
         """
         with self._batch_lock:
             self._cfg, self._limits, self._tasks, self._buckets = cfg, cfg.pipeline, tasks, _buckets(cfg)
+            self._learners = dict(learners or {})
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edge-agent-pipeline", daemon=True)

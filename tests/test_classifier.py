@@ -25,7 +25,7 @@ from edge_agent.config import ClassifierTaskConfig
 from edge_agent.errors import ModelError
 from edge_agent.message import Note
 from edge_agent.tasks import classifier
-from edge_agent.train import classifier as classifier_train
+from edge_agent.tasks import fit as classifier_train
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_DIR = Path(os.environ.get("EDGE_AGENT_MODEL_DIR") or REPO / "models" / "minilm-l6")

@@ -25,7 +25,8 @@ def _encoder(args: argparse.Namespace) -> Encoder:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from ..train.classifier import read_examples, train
+    from ..tasks.fit import train
+    from ..train.classifier import read_examples
 
     texts, labels = read_examples(args.examples)
     dev = read_examples(args.dev) if args.dev else None
@@ -78,6 +79,34 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Make the head version before the active one active again (the daemon must be stopped: it holds the
+    outbox file's lock); the next start uses it. Back past version 1 is the configured head or zero-shot."""
+    from .. import config
+    from ..learn import meta_key
+    from ..outbox.lock import OutboxLock
+    from ..outbox.store import Outbox
+
+    cfg = config.load(args.config)
+    lock = OutboxLock(cfg.outbox.path).acquire()  # refuses while the daemon runs
+    try:
+        with Outbox(cfg.outbox) as ob:
+            raw = ob.get_meta(meta_key(args.task))
+            state = json.loads(raw) if raw else {"active": 0, "versions": []}
+            versions = sorted(v["version"] for v in state["versions"])
+            if not state["active"]:
+                print(f"edge-agent: task {args.task!r} uses no learned head; nothing to roll back", file=sys.stderr)
+                return 1
+            before = [v for v in versions if v < state["active"]]
+            was, state["active"] = state["active"], (before[-1] if before else 0)
+            ob.set_meta(meta_key(args.task), json.dumps(state))
+    finally:
+        lock.release()
+    now = f"head v{state['active']}" if state["active"] else "the configured head (or zero-shot labels)"
+    print(f"edge-agent: task {args.task!r}: head v{was} -> {now}; start the daemon to use it")
+    return 0
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser("classifier", help="train a classifier head, or run one over JSONL")
     sub = p.add_subparsers(dest="classifier_command", required=True)
@@ -99,4 +128,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     q.add_argument("--batch-size", type=int, default=64, help="lines per encoder call")
     q.add_argument("--threads", type=int, default=0, help="encoder threads (0 = one per core)")
     q.set_defaults(func=guarded(cmd_predict))
+    r = sub.add_parser("rollback", help="back to the previous head a task learned on the gateway (daemon stopped)")
+    r.add_argument("--config", type=Path, required=True)
+    r.add_argument("--task", required=True, help="the classifier task (learn = true)")
+    r.set_defaults(func=guarded(cmd_rollback))
     return p

@@ -422,6 +422,12 @@ class Outbox:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def corrections(self, task: str) -> list[tuple[str, str]]:
+        """(text, label) of the label corrections received for a task, oldest first."""
+        with self._lock:
+            return [tuple(r) for r in self._require_open().execute(
+                "SELECT text, label FROM feedback WHERE task = ? AND label IS NOT NULL ORDER BY seq", (task,))]
+
     def get_recent(self, result_id: str) -> bytes | None:
         """The payload of a kept result, by its id."""
         with self._lock:

@@ -238,6 +238,8 @@ class ClassifierTask:
         self.threshold = cfg.threshold
         self.encoder = encoder
         self.head: Head | None = None
+        self.head_version: int | None = None  # set once a head learned on the gateway is in use (edge_agent.learn)
+        self.descriptions = dict(cfg.labels)
         if cfg.head is not None:
             self.head = Head.load(cfg.head)
             self.head.check_encoder(encoder, cfg.head)
@@ -257,10 +259,18 @@ class ClassifierTask:
         out = []
         for p in self.probabilities(texts) if texts else []:
             best = int(p.argmax())
-            out.append({"label": self.labels[best], "score": round(float(p[best]), 6),
-                        "scores": {k: round(float(v), 6) for k, v in zip(self.labels, p, strict=True)},
-                        "review": bool(p[best] < self.threshold)})
+            r = {"label": self.labels[best], "score": round(float(p[best]), 6),
+                 "scores": {k: round(float(v), 6) for k, v in zip(self.labels, p, strict=True)},
+                 "review": bool(p[best] < self.threshold)}
+            if self.head_version is not None:
+                r["head_version"] = self.head_version
+            out.append(r)
         return out
+
+    def use_head(self, head: Head, version: int) -> None:
+        """Swap in a head (the pipeline calls this between two batches, so no note sees half of it)."""
+        head.check_encoder(self.encoder, f"head v{version}")
+        self.head, self.labels, self.head_version = head, list(head.labels), version
 
     def process(self, notes: Sequence[Note]) -> list[dict[str, Any]]:
         return self.results([n.text for n in notes])
