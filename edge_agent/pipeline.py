@@ -192,10 +192,14 @@ class Pipeline:
         for pendings in by_route.values():
             self._run_route(pendings, made)
         self._commit(batch, made)
-        self._learn(made)
+        # Committed and acked from here on: nothing below may fail the batch (it would be processed again).
+        try:
+            self._learn(made)
+        except Exception:
+            log.exception("learn.failed", kept="the live heads")
         try:
             self._report(made)
-        except Exception:  # committed and acked: a failure to log must never make us process it again
+        except Exception:
             log.exception("pipeline.report_failed", size=len(batch))
 
     def _admit_message(self, item: Inbound, made: _Made) -> Iterator[tuple[RouteConfig, list[_Pending]]]:
@@ -333,19 +337,15 @@ class Pipeline:
 
     def _learn(self, made: _Made) -> None:
         """After the commit (the corrections are durable), between two batches: a task due for it retrains.
-        A failed retrain keeps the live head; it is never a reason to fail or repeat the batch."""
+        A failed retrain keeps the live head (process() logs it); it never fails or repeats the batch."""
         for name, learner in self._learners.items():
             mine = [c for c in made.corrected if c.task == name and c.label is not None]
             if mine:
                 learner.noted(len(mine), [c.agreed for c in mine if c.agreed is not None])
             if not learner.due():
                 continue
-            try:
-                self.heartbeat()
-                outcome = learner.retrain()
-                log.info("learn.retrained", **outcome)
-            except Exception:
-                log.exception("learn.retrain_failed", task=name, kept="the live head")
+            self.heartbeat()
+            log.info("learn.retrained", **learner.retrain())
             self.heartbeat()
 
     def _allows_new_labels(self, task: str) -> bool:
