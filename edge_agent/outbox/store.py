@@ -36,6 +36,21 @@ SCHEMA_VERSION = 2
 # payload spills onto overflow pages. The created_at index makes expire() and oldest_created_at
 # O(log n) instead of a scan of the whole (possibly 512 MB) table. `dead` marks a dead letter: dead
 # letters have their own byte bound and evict only each other, found through a small partial index.
+# `meta` is the daemon's own small state that must survive with the rows (the filters it subscribed, the
+# last digest window, the head versions it learned); `recent` keeps published results after they have left
+# the outbox, for a while (the shift digest and corrections by result id read them), written in the same
+# commit as the outbox rows and trimmed by trim_recent(); `feedback` holds the corrections received
+# (edge_agent.feedback), oldest dropped first.
+_SIDE_TABLES = """
+CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, task TEXT NOT NULL, text TEXT NOT NULL,
+    label TEXT, fields TEXT, result_id TEXT, agreed INTEGER, source TEXT NOT NULL
+);
+"""
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -47,31 +62,10 @@ CREATE TABLE IF NOT EXISTS outbox (
     payload    BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS outbox_created_at ON outbox (created_at);
-CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, task TEXT NOT NULL, text TEXT NOT NULL,
-    label TEXT, fields TEXT, result_id TEXT, agreed INTEGER, source TEXT NOT NULL
-);
-"""
-# `recent` keeps published results after they have left the outbox, for a while (the shift digest and
-# corrections by result id read them): written in the same commit as the outbox rows, trimmed by
-# trim_recent(). `feedback` holds the corrections received (edge_agent.feedback), oldest dropped first.
+""" + _SIDE_TABLES
 # Version 1 had no `dead` column (opening one adds it, at the end: SQLite's ALTER TABLE cannot insert it) and
-# no `meta` table (the daemon's own small state that must survive with the rows: the filters it subscribed).
-_MIGRATE_1_TO_2 = """
-ALTER TABLE outbox ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;
-CREATE INDEX IF NOT EXISTS outbox_dead ON outbox (seq) WHERE dead = 1;
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS recent (id TEXT PRIMARY KEY, received_at REAL NOT NULL, payload BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS recent_received_at ON recent (received_at);
-CREATE TABLE IF NOT EXISTS feedback (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT, received_at REAL NOT NULL, task TEXT NOT NULL, text TEXT NOT NULL,
-    label TEXT, fields TEXT, result_id TEXT, agreed INTEGER, source TEXT NOT NULL
-);
-"""
+# none of the side tables.
+_MIGRATE_1_TO_2 = "ALTER TABLE outbox ADD COLUMN dead INTEGER NOT NULL DEFAULT 0;" + _SIDE_TABLES
 _COLUMNS = {1: {"seq", "id", "topic", "size", "created_at", "payload"},
             2: {"seq", "id", "topic", "size", "created_at", "dead", "payload"}}
 _MAX_SEQ = 2**63 - 1
