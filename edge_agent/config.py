@@ -254,6 +254,10 @@ class OutboxConfig(_Frozen):
         "never a result (a flood of bad input cannot evict good results)",
     )
     max_age_s: float = Field(30 * 24 * 3600, gt=0, description="rows older than this are dropped")
+    recent_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=64 * 1024,
+        description="published results kept for the digest and corrections (beside max_bytes); oldest go first",
+    )
 
 
 class PipelineConfig(_Frozen):

@@ -684,3 +684,16 @@ def test_wall_clock_step_never_expires_rows_early(tmp_path: Path) -> None:
         assert ob.expire() == 1
     finally:
         ob.close()
+
+
+def test_kept_results_are_bounded_by_bytes_oldest_first(tmp_path: Path) -> None:
+    """The results kept for the digest and corrections by id (`recent`) have their own byte bound."""
+    with make(tmp_path, recent_max_bytes=MIN_BYTES) as ob:
+        for k in range(10):  # 10 x 20 x 1 KB = 200 KB of kept results, three times the bound
+            ob.put_many([], recent=[(f"r{k}-{i}", 1000.0 * k + i, b"x" * 1000) for i in range(20)])
+        kept = ob.recent_between(0, 1e9)
+        assert 40 <= len(kept) <= MIN_BYTES // 1000
+        assert ob.get_recent("r9-19") is not None and ob.get_recent("r0-0") is None  # the oldest went first
+    with make(tmp_path, recent_max_bytes=MIN_BYTES) as ob:  # the count survives a reopen
+        ob.put_many([], recent=[("new", 1e6, b"y" * 1000)])
+        assert len(ob.recent_between(0, 1e9)) <= MIN_BYTES // 1000

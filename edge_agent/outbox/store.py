@@ -179,7 +179,7 @@ class Outbox:
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         # Kept in memory so that the bound check in put_many costs nothing; recomputed at open().
-        self._count = self._bytes = self._max_seq = self._dead = self._dead_bytes = 0
+        self._count = self._bytes = self._max_seq = self._dead = self._dead_bytes = self._recent_bytes = 0
         self._added = self._accepted = self._dropped = self._corrupt_files = 0
         self._dropped_bytes = self._dropped_age = self._dropped_dead = 0
         self._clock_unset_logged = False
@@ -280,6 +280,16 @@ class Outbox:
                 last = conn.execute("SELECT last_insert_rowid()").fetchone()[0] if params else self._max_seq
                 if recent:  # a redelivered input has the same id: its result is kept once
                     conn.executemany("INSERT OR REPLACE INTO recent (id, received_at, payload) VALUES (?,?,?)", recent)
+                    kept_bytes = self._recent_bytes + sum(len(r[2]) for r in recent)
+                    while kept_bytes > self._cfg.recent_max_bytes:  # the oldest kept results go first
+                        n, freed = conn.execute(
+                            "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) FROM (SELECT payload FROM recent "
+                            "ORDER BY received_at LIMIT 256)").fetchone()
+                        conn.execute("DELETE FROM recent WHERE id IN (SELECT id FROM recent ORDER BY received_at "
+                                     "LIMIT 256)")
+                        kept_bytes -= freed
+                        if not n:
+                            break
                 if feedback:
                     conn.executemany("INSERT INTO feedback (received_at, task, text, label, fields, result_id, "
                                      "agreed, source) VALUES (?,?,?,?,?,?,?,?)", feedback)
@@ -302,6 +312,8 @@ class Outbox:
             self._dropped_bytes += dropped
             self._dropped_dead += dropped_dead
             self._max_seq = last
+            if recent:
+                self._recent_bytes = kept_bytes
             self._reading = (now, mono)  # only once the restamp is committed: a failed one is retried
         if step:
             self._log_step(step, moved)
@@ -435,7 +447,11 @@ class Outbox:
             conn.execute("PRAGMA synchronous=NORMAL")  # losing a trim to power loss only keeps a row longer
             try:
                 with self._transaction(conn, "trim"):
-                    return conn.execute("DELETE FROM recent WHERE received_at < ?", (before,)).rowcount
+                    freed = conn.execute("SELECT COALESCE(SUM(length(payload)), 0) FROM recent WHERE received_at < ?",
+                                         (before,)).fetchone()[0]
+                    n = conn.execute("DELETE FROM recent WHERE received_at < ?", (before,)).rowcount
+                self._recent_bytes -= freed
+                return n
             finally:
                 conn.execute("PRAGMA synchronous=FULL")
 
@@ -632,6 +648,7 @@ class Outbox:
         elif version == 1:  # step by step from here, each step one transaction
             conn.executescript(f"BEGIN IMMEDIATE; {_MIGRATE_1_TO_2} PRAGMA user_version = 2; COMMIT;")
             log.info("outbox.migrated", path=str(self._path), schema_from=1, schema_to=2)
+        self._recent_bytes = conn.execute("SELECT COALESCE(SUM(length(payload)), 0) FROM recent").fetchone()[0]
         self._count, self._bytes, self._dead, self._dead_bytes = conn.execute(
             "SELECT COUNT(*), COALESCE(SUM(size), 0), COALESCE(SUM(dead), 0), COALESCE(SUM(size * dead), 0) "
             "FROM outbox"
