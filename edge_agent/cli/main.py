@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import classifier, feedback, generator, models, outbox, run, tagger
+from . import classifier, feedback, finetune, generator, models, outbox, run, tagger
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,6 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     classifier.add_parser(sub)
     tagger.add_parser(sub)
     generator.add_parser(sub)
+    finetune.add_parser(sub)
     outbox.add_parser(sub)
     feedback.add_parser(sub)
     return ap

@@ -36,6 +36,9 @@ def model_files(model_dir: Path) -> list[str]:
 
 def _rebuild_hint(manifest: dict[str, Any]) -> str:
     src = manifest.get("source") or {}
+    if tune := manifest.get("finetune"):
+        return (f"edge-agent finetune generator --model <{(tune.get('base') or {}).get('name')}> "
+                f"--examples {(tune.get('examples') or {}).get('file')} --out DIR")
     if src.get("package"):
         return f"edge-agent models build {manifest.get('name')}"
     return f"edge-agent models build --from-hf {src.get('file') or 'DIR'}"
