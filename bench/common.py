@@ -240,8 +240,9 @@ def median(xs: list[float]) -> float:
 class Child:
     """A bench child process: JSON events read from its stdout on a thread, stderr to a file."""
 
-    def __init__(self, role: str, *args: str, log: Path, profile: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "bench.common", role, *args]  # cwd REPO: bench, tests and edge_agent import
+    def __init__(self, role: str, *args: str, log: Path, profile: Path | None = None,
+                 module: str = "bench.common") -> None:
+        cmd = [sys.executable, "-m", module, role, *args]  # cwd REPO: bench, tests and edge_agent import
         pyspy = os.environ.get("BENCH_PYSPY")
         if profile is not None and pyspy:
             Path(pyspy).mkdir(parents=True, exist_ok=True)
@@ -305,8 +306,9 @@ class Round:
     def __enter__(self) -> Round:
         return self
 
-    def spawn(self, role: str, *args: str, log: Path, profile: Path | None = None) -> Child:
-        c = Child(role, *args, log=log, profile=profile)
+    def spawn(self, role: str, *args: str, log: Path, profile: Path | None = None,
+              module: str = "bench.common") -> Child:
+        c = Child(role, *args, log=log, profile=profile, module=module)
         self.children.append(c)
         return c
 

@@ -72,9 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = mod.run(quick=args.quick)
     where = machine()
     for row in rows:
-        if row.get("peer") and isinstance(row.get("ours"), (int, float)):
-            row["ratio"] = round(row["ours"] / row["peer"], 3)
-        row.setdefault("ratio", None)
+        if "ratio" not in row:  # a bench may set its own (None where ours / peer means nothing)
+            numbers = isinstance(row.get("ours"), (int, float)) and row.get("peer")
+            row["ratio"] = round(row["ours"] / row["peer"], 3) if numbers else None
         row["machine"] = where
     text = json.dumps(rows, indent=2)
     if args.json:
