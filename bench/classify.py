@@ -21,8 +21,9 @@ threads per note as `*_cpu_us_per_note`, the figure that load from other jobs di
 own row) and one warm-up batch are excluded. Both children get OPENBLAS_NUM_THREADS=1 / OMP_NUM_THREADS=2.
 
 The peer needs torch + sentence-transformers, which the project venv does not have: it runs under
-BENCH_PEER_PYTHON (default /work/venv-convert/bin/python). If it cannot run, its figures are null and
-`peer_error` says why. Targets (issue): notes/s >= 5x the peer, peak RSS <= 200 MB.
+BENCH_PEER_PYTHON (default .bench/venv-st/bin/python, which `bash bench/setup` installs); bench/run.py
+names it and stops when it is missing. If it fails mid-run, its figures are null and `peer_error` says why.
+Targets (issue): notes/s >= 5x the peer, peak RSS <= 200 MB.
 
     python -m bench.classify ours|peer --head H.npz --texts T.json --labels-out L.json [--model DIR]
 """
@@ -45,11 +46,19 @@ REPO = Path(__file__).resolve().parent.parent
 DATA = REPO.parent / "shared" / "data"
 MODEL = REPO / "models" / "minilm-l6"
 WHEEL_DIRS = (REPO / ".whl", Path.home() / ".cache" / "edge-agent" / "wheels")
-PEER_PYTHON = os.environ.get("BENCH_PEER_PYTHON", "/work/venv-convert/bin/python")
+PEER_PYTHON = os.environ.get("BENCH_PEER_PYTHON") or str(REPO / ".bench" / "venv-st" / "bin" / "python")
+MODELS = ("minilm-l6",)  # built by bench/run.py when missing
 BATCH = 32
 THREADS = 2
 ROUNDS = 3
 WARMUP = 64
+
+
+def peers() -> list:
+    from bench.common import Peer
+
+    return [Peer("sentence-transformers + torch (the peer of classify)", python=PEER_PYTHON,
+                 module="sentence_transformers, torch")]
 
 
 # -- the children -------------------------------------------------------------------------------------
@@ -214,7 +223,7 @@ def run(quick: bool) -> list[dict]:
 
         results: dict[str, list[dict]] = {"ours": [], "peer": []}
         mqtt_rates: list[float] = []
-        timeout = 120 if quick else 600
+        timeout = 300 if quick else 900  # a first run of a fresh peer venv compiles its imports (~15 s)
         with bench_broker(tmp / "broker") as broker:
             for r, side in rounds_of(["ours", "peer", "mqtt"], ROUNDS):
                 if side == "peer" and peer_error:

