@@ -365,6 +365,10 @@ class GeneratorTaskConfig(_Frozen):
     max_field_tokens: int = Field(16, ge=1, le=256, description="tokens generated per field at most")
     intra_threads: int = Field(0, ge=0, le=64, description="threads per batch; 0 = min(4, CPU cores)")
     inter_threads: int = Field(1, ge=1, le=16)
+    batch_size: int = Field(
+        8, ge=1, le=256,
+        description="notes per model call at most; memory grows with it (Qwen 0.5B: 1.24 GB peak at 8, 2.4 GB at 32)",
+    )
 
     @field_validator("fields")
     @classmethod

@@ -200,7 +200,7 @@ def check_result(schema: type[BaseModel], text: str, result: dict[str, Any]) -> 
 # ---------------------------------------------------------------- the task
 
 class GeneratorTask:
-    def __init__(self, name: str, cfg: GeneratorTaskConfig, *, batch_size: int = 32, pad_multiple: int = 8,
+    def __init__(self, name: str, cfg: GeneratorTaskConfig, *, batch_size: int | None = None, pad_multiple: int = 8,
                  static_prompt: bool = True) -> None:
         """Batching, and why notes are padded: CTranslate2 forwards the prompts of a batch at once only up to
         the shortest one and decodes the rest one step per token. That costs a full decoding step per extra
@@ -209,13 +209,14 @@ class GeneratorTask:
         lengths). So only prompts of exactly equal length share a batch, and to make such batches large each
         prompt is left-padded (white space before the note) to a multiple of `pad_multiple` tokens. The
         padding depends on the note alone: a note's result is the same alone or in any batch.
-        `batch_size`: notes per batch at most. `static_prompt=False` turns the prompt cache off (benchmarks).
+        `batch_size`: notes per batch at most (default: the task's config). `static_prompt=False` turns the
+        prompt cache off (benchmarks).
         Threads: batches of one round are submitted together, so `inter_threads` = cores with `intra_threads`
         = 1 runs them in parallel (on 2 cores a little faster than intra_threads 2; +80 MB RSS)."""
         self.name = name
         self.cfg = cfg
         self.fields = dict(cfg.fields)
-        self.batch_size = batch_size
+        self.batch_size = batch_size or cfg.batch_size
         self.pad_multiple = pad_multiple
         self.use_static_prompt = static_prompt
         model_dir = Path(cfg.model)
