@@ -33,6 +33,7 @@ from .client import ReconnectBackoff, Will, connect_async, is_failure, make_clie
 log = structlog.get_logger(__name__)
 
 RETRY_DELAY_S = 5.0
+ACCEPT_WITHIN_S = 0.2  # PUBACKed rows are deleted at the latest this long after their PUBACK
 # MQTT 3.1.1 has no reason code in PUBACK: a broker that refuses a publish (an ACL) acknowledges it all the
 # same (Mosquitto does), so the row is deleted as delivered and the result is lost without a trace.
 SINK_311_HINT = ("with MQTT 3.1.1 a publish the uplink broker refuses (ACL) is acknowledged all the same and the "
@@ -79,6 +80,7 @@ class Sink:
         self._inflight: dict[int, _Inflight] = {}
         self._failed: collections.deque[tuple[float, _Inflight]] = collections.deque()
         self._acked: list[int] = []  # PUBACKed seqs not deleted yet
+        self._last_accept = time.monotonic()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._connected = threading.Event()
@@ -198,9 +200,15 @@ class Sink:
             # Deleted after the window is refilled, so the delete's disk write never idles the window.
             # A delete that fails (a full disk) raises to _run and is retried next round: forgetting the
             # seqs would strand PUBACKed rows in the outbox until a restart sent them again.
-            if self._acked:
+            # Deletes are grouped: one transaction per window's worth of PUBACKs (or when nothing is in flight,
+            # or every ACCEPT_WITHIN_S), not one per wake-up. A row PUBACKed but not yet deleted when we crash
+            # is sent again after the restart: at-least-once allows it, and its id lets consumers drop it.
+            now = time.monotonic()
+            if self._acked and (len(self._acked) >= self._cfg.inflight or not self._inflight
+                                or now - self._last_accept >= ACCEPT_WITHIN_S):
                 self._outbox.accept(self._acked)
                 self._acked.clear()
+                self._last_accept = now
 
     def _refill(self) -> None:
         if self._new_connection:
@@ -220,12 +228,18 @@ class Sink:
                 self._publish(_Inflight(rec, False))
                 self._live_cursor = rec.seq
                 room -= 1
-        if room > 0 and self._backlog_cursor < self._boundary:
+        # The backlog lane refills a quarter window at a time (or an empty window): one read per 16 PUBACKs
+        # rather than one per PUBACK wake-up. Live rows above never wait for it.
+        if room >= max(1, self._cfg.inflight // 4) or (room > 0 and not self._inflight):
+            self._refill_backlog(room)
+
+    def _refill_backlog(self, room: int) -> None:
+        if self._backlog_cursor < self._boundary:
             want = self._bucket.take(room)
             if want:
                 handed = {i.record.seq for i in self._inflight.values()}
                 handed.update(i.record.seq for _, i in self._failed)
-                handed.update(self._acked)  # PUBACKed, deleted right after this round
+                handed.update(self._acked)  # PUBACKed, their delete still to come
                 rows = self._outbox.batch(want, after_seq=self._backlog_cursor, up_to_seq=self._boundary)
                 for rec in rows:
                     if rec.seq not in handed:  # handed to paho before the outage: paho re-sends it
