@@ -13,6 +13,7 @@ import numpy as np
 
 from ..tasks.classifier import ClassifierTask, Features, encoder_sha256
 from .exit_codes import guarded
+from .jsonl import predict_lines
 
 if TYPE_CHECKING:
     from ..models.encoder import Encoder
@@ -54,28 +55,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     cfg = ClassifierTaskConfig.model_validate({"kind": "classifier", "model": args.model, "head": args.head})
     task = ClassifierTask("predict", cfg, _encoder(args))
 
-    def flush(batch: list[str | dict[str, Any]]) -> None:
-        results = iter(task.results([x for x in batch if isinstance(x, str)]))
-        for item in batch:
-            if isinstance(item, str):
-                item = next(results)
-                del item["review"]
-            sys.stdout.write(json.dumps(item, ensure_ascii=False) + "\n")
-        sys.stdout.flush()
+    def classify(texts: list[str]) -> list[dict[str, Any]]:
+        results = task.results(texts)
+        for r in results:
+            del r["review"]
+        return results
 
-    batch: list[str | dict[str, Any]] = []  # a text to classify, or the error line for a bad input line
-    for line in sys.stdin:
-        try:
-            row = json.loads(line)
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise ValueError('expected a JSON object with a string "text"')
-            batch.append(row["text"])
-        except ValueError as e:
-            batch.append({"error": str(e)})
-        if len(batch) >= args.batch_size:
-            flush(batch)
-            batch = []
-    flush(batch)
+    predict_lines(sys.stdin, args.batch_size, classify)
     return 0
 
 

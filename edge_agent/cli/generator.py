@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from ..errors import ConfigError
 from .exit_codes import guarded
+from .jsonl import predict_lines
 
 
 def _fields(spec: str | None) -> dict[str, str]:
@@ -38,30 +37,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("--" + ".".join(str(p) for p in err["loc"]), err["msg"]) from None
     task = GeneratorTask("generator", cfg)
 
-    def extract(lines: list[str]) -> None:
-        rows: list[dict[str, Any]] = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError("need a JSON object with a string `text`")
-                rows.append({"text": row["text"]})
-            except ValueError as e:
-                rows.append({"error": str(e)})
-        found = iter(task.process([Note(text=r["text"], topic="cli") for r in rows if "text" in r]))
-        for r in rows:
-            print(json.dumps(r if "error" in r else next(found), ensure_ascii=False), flush=True)
-
     try:
-        lines: list[str] = []
-        for line in sys.stdin:
-            if not line.strip():
-                continue
-            lines.append(line)
-            if len(lines) >= args.batch_size:
-                extract(lines)
-                lines = []
-        extract(lines)
+        predict_lines(sys.stdin, args.batch_size,
+                      lambda texts: task.process([Note(text=t, topic="cli") for t in texts]), skip_blank=True)
     finally:
         task.close()
     return 0

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..tasks.tagger import Features, TaggerHead
 from .exit_codes import guarded
+from .jsonl import predict_lines
 
 if TYPE_CHECKING:
     from ..models.encoder import Encoder
@@ -38,28 +39,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
     encoder = _encoder(args)
     head = TaggerHead.load(args.head, encoder.manifest)
 
-    def tag(lines: list[str]) -> None:
-        rows: list[dict[str, Any]] = []
-        for line in lines:
-            try:
-                row = json.loads(line)
-                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                    raise ValueError("need a JSON object with a string `text`")
-                rows.append({"text": row["text"]})
-            except ValueError as e:
-                rows.append({"error": str(e)})
-        texts = [r["text"] for r in rows if "text" in r]
-        found = iter(head.predict(texts, encoder.token_states(texts)))
-        for r in rows:
-            print(json.dumps(r if "error" in r else {"entities": next(found)}, ensure_ascii=False), flush=True)
+    def tag(texts: list[str]) -> list[dict[str, Any]]:
+        return [{"entities": e} for e in head.predict(texts, encoder.token_states(texts))]
 
-    lines: list[str] = []
-    for line in sys.stdin:
-        lines.append(line)
-        if len(lines) >= args.batch_size:
-            tag(lines)
-            lines = []
-    tag(lines)
+    predict_lines(sys.stdin, args.batch_size, tag)
     return 0
 
 
