@@ -28,7 +28,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from .config import DigestConfig
-from .results import rfc3339
+from .results import instant, rfc3339
 from .tasks.patterns import extract
 from .topics import first_asset
 
@@ -69,7 +69,7 @@ def _note(payload: bytes, cfg: DigestConfig) -> _Note | None:
     try:
         rec = json.loads(payload)
         results: dict[str, Any] = rec.get("results") or {}
-        received = datetime.fromisoformat(rec["source"]["received_at"].replace("Z", "+00:00")).timestamp()
+        received = instant(rec["source"]["received_at"])
     except (ValueError, KeyError, TypeError, AttributeError):
         return None  # not a result of ours: nothing to say about it
     symptom = action = None

@@ -29,7 +29,6 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import TYPE_CHECKING, Any, Literal
 
 import structlog
@@ -45,7 +44,7 @@ from .message import Inbound, Note
 from .outbox.store import Outbox, retained
 from .progress import progress
 from .ratelimit import TokenBucket
-from .results import deadletter_payload, result_id, result_payload
+from .results import deadletter_payload, instant, result_id, result_payload
 from .tasks.base import Task
 from .topics import first_asset, output_topic, segments
 
@@ -104,8 +103,7 @@ class _Made:
     rows: list[Row] = field(default_factory=list)  # results
     dead: list[Row] = field(default_factory=list)  # dead letters: their own bound in the outbox
     recent: list[tuple[str, float, bytes]] = field(default_factory=list)  # results kept for the digest
-    feedback: list[tuple] = field(default_factory=list)  # corrections received (feedback.Correction.row)
-    corrected: list[feedback.Correction] = field(default_factory=list)
+    corrected: list[tuple[feedback.Correction, Inbound]] = field(default_factory=list)  # and where each came from
     outcomes: list[Outcome] = field(default_factory=list)
     routes_in: Counter[str] = field(default_factory=Counter)  # (message, route) pairs taken, per route filter
 
@@ -140,6 +138,7 @@ class Pipeline:
         self._batch_lock = threading.Lock()  # held while a batch runs; swap() takes it between batches
         self._commit_lock = threading.Lock()  # held while a batch commits and acks; stop() sets _stopping in it
         self._buckets = _buckets(cfg)
+        self._special = self._special_topics(cfg)
         self.processed = 0
         self.dead_lettered = 0
         self.over_limit: Counter[str] = Counter()  # route topic -> messages dead-lettered by its rate limit
@@ -204,13 +203,10 @@ class Pipeline:
 
     def _admit_message(self, item: Inbound, made: _Made) -> Iterator[tuple[RouteConfig, list[_Pending]]]:
         """(route, pendings) for each route of one message; its dead letters and "ignored" go to `made`."""
-        if self._digester is not None and item.topic == self._cfg.digest_request_topic:
+        special = self._special.get(item.topic)
+        if special is not None:  # a digest request or a correction, not a note
             made.routes_in[item.topic] += 1
-            self._digest_request(item, made)
-            return
-        if item.topic == self._cfg.feedback_topic:
-            made.routes_in[item.topic] += 1
-            self._correction(item, made)
+            special(item, made)
             return
         try:
             routes: list[RouteConfig | None] = list(self._routes_for(item.topic)) or [None]
@@ -298,6 +294,15 @@ class Pipeline:
             made.extend(self._latest(route.retain_latest_topic, p, results, payload))
         return made
 
+    def _special_topics(self, cfg: Config) -> dict[str, Callable[[Inbound, _Made], None]]:
+        """The topics that carry no notes but requests to the agent itself, and who answers each."""
+        special: dict[str, Callable[[Inbound, _Made], None]] = {}
+        if self._digester is not None and cfg.digest_request_topic:
+            special[cfg.digest_request_topic] = self._digest_request
+        if cfg.feedback_topic:
+            special[cfg.feedback_topic] = self._correction
+        return special
+
     def _digest_request(self, item: Inbound, made: _Made) -> None:
         """`{"from": RFC 3339, "to": RFC 3339, "request_id": "..."}` → a digest of that window (from the kept
         results), through the outbox like any result; anything else is a dead letter."""
@@ -306,7 +311,7 @@ class Pipeline:
             req = json.loads(item.payload)
             if not isinstance(req, dict):
                 raise ValueError("expected a JSON object")
-            start, end = (_instant(req[k]) for k in ("from", "to"))
+            start, end = (instant(req[k]) for k in ("from", "to"))
             if end <= start:
                 raise ValueError("'to' must be after 'from'")
             request_id = req.get("request_id")
@@ -328,8 +333,7 @@ class Pipeline:
         except DecodeError as e:
             self._dead_letter(made, item, None, e.kind, e.reason)
             return
-        made.feedback.append(c.row(item.received_at, item.topic))
-        made.corrected.append(c)
+        made.corrected.append((c, item))
         self.corrections[c.task] += 1
         log.info("feedback.accepted", task=c.task, label=c.label, fields=c.fields, result_id=c.result_id,
                  agreed=c.agreed)
@@ -339,7 +343,7 @@ class Pipeline:
         """After the commit (the corrections are durable), between two batches: a task due for it retrains.
         A failed retrain keeps the live head (process() logs it); it never fails or repeats the batch."""
         for name, learner in self._learners.items():
-            mine = [c for c in made.corrected if c.task == name and c.label is not None]
+            mine = [c for c, _ in made.corrected if c.task == name and c.label is not None]
             if mine:
                 learner.noted(len(mine), [c.agreed for c in mine if c.agreed is not None])
             if not learner.due():
@@ -360,8 +364,9 @@ class Pipeline:
         has set _stopping no commit starts, and the one in progress has finished."""
         with self._commit_lock:
             self._check_stop()
-            if made.rows or made.dead or made.feedback:
-                self._outbox.put_many(made.rows, dead=made.dead, recent=made.recent, feedback=made.feedback,
+            if made.rows or made.dead or made.corrected:
+                corrections = [c.row(item.received_at, item.topic) for c, item in made.corrected]
+                self._outbox.put_many(made.rows, dead=made.dead, recent=made.recent, feedback=corrections,
                                       feedback_max_rows=self._cfg.feedback.max_rows)
             for item in batch:
                 self._ack(item)
@@ -504,6 +509,7 @@ class Pipeline:
         with self._batch_lock:
             self._cfg, self._limits, self._tasks, self._buckets = cfg, cfg.pipeline, tasks, _buckets(cfg)
             self._learners = dict(learners or {})
+            self._special = self._special_topics(cfg)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="edge-agent-pipeline", daemon=True)
@@ -523,38 +529,32 @@ class Pipeline:
         return not self._thread.is_alive()
 
 
-def _instant(value: Any) -> float:
-    """An RFC 3339 time with its offset (or Z) as a POSIX timestamp; a naive one is refused."""
-    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
-    if t.tzinfo is None:
-        raise ValueError(f"{value!r} has no time zone offset (add Z or +01:00)")
-    return t.timestamp()
-
-
 def _bounded(value: Any, max_items: int) -> Any:
     """A task's result with every list in it cut to max_items, flagged `"truncated": true` when one was: a
-    note dense with measurements must not make a result of megabytes (and a batch of them gigabytes)."""
-    if not isinstance(value, dict):
+    note dense with measurements must not make a result of megabytes (and a batch of them gigabytes). The
+    common case, nothing to cut, returns the result itself: no copy on every note."""
+    if not isinstance(value, dict) or not _over(value, max_items):
         return value
-    cut = False
 
-    def walk(node: Any) -> Any:
-        nonlocal cut
+    def cut(node: Any) -> Any:
         if isinstance(node, list):
-            if len(node) > max_items:
-                cut = True
-                node = node[:max_items]
-            return [walk(x) for x in node]
+            return [cut(x) for x in node[:max_items]]
         if isinstance(node, dict):
-            return {k: walk(v) for k, v in node.items()}
+            return {k: cut(v) for k, v in node.items()}
         return node
 
-    if not any(isinstance(v, list | dict) for v in value.values()):
-        return value  # a label and scores: nothing to cut, no copy
-    out = walk(value)
-    if cut:
-        out["truncated"] = True
+    out = cut(value)
+    out["truncated"] = True
     return out
+
+
+def _over(node: Any, max_items: int) -> bool:
+    """Some list in node holds more than max_items."""
+    if isinstance(node, list):
+        return len(node) > max_items or any(_over(x, max_items) for x in node)
+    if isinstance(node, dict):
+        return any(_over(v, max_items) for v in node.values())
+    return False
 
 
 def _buckets(cfg: Config) -> dict[int, TokenBucket]:

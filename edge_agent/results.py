@@ -21,6 +21,15 @@ def rfc3339(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+def instant(value: object) -> float:
+    """An RFC 3339 time with its offset (or Z) as a POSIX timestamp (what rfc3339 writes, or a request's
+    time); a time without an offset is refused (ValueError), as it names no instant."""
+    t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    if t.tzinfo is None:
+        raise ValueError(f"{value!r} has no time zone offset (add Z or +01:00)")
+    return t.timestamp()
+
+
 def result_id(gateway: str, topic: str, output_topic: str, input_id: str | None, payload: bytes) -> str:
     h = hashlib.blake2b(digest_size=16)
     for part in (gateway, topic, output_topic):

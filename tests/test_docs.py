@@ -110,7 +110,7 @@ def test_node_red_correction_and_digest_nodes_speak_the_contracts(tmp_path: Path
     from edge_agent.config import DigestConfig
     from edge_agent.digest import Digester
     from edge_agent.feedback import parse
-    from edge_agent.pipeline import _instant
+    from edge_agent.results import instant
 
     by_name = {n["name"]: n for n in flow() if n["type"] == "function"}
     sample = _telegraf_sample()
@@ -119,7 +119,7 @@ def test_node_red_correction_and_digest_nodes_speak_the_contracts(tmp_path: Path
     c = parse(json.dumps(fix["payload"]).encode(), tasks, lambda _: False, {sample["id"]: json.dumps(sample)}.get)
     assert (c.result_id, c.label, c.text) == (sample["id"], "leak", sample["text"])
     req = _run_function(by_name["digest request"], {"payload": 0}, tmp_path)["payload"]
-    assert _instant(req["to"]) - _instant(req["from"]) == 8 * 3600 and req["request_id"].startswith("nodered-")
+    assert instant(req["to"]) - instant(req["from"]) == 8 * 3600 and req["request_id"].startswith("nodered-")
     digest = Digester(DigestConfig(enabled=True), "gw-local").build([json.dumps(sample).encode()], 0, 4e9)
     view = _run_function(by_name["digest view"], {"payload": digest}, tmp_path)["payload"]
     assert view["notes"] == 1 and len(view["items"]) == 1 and sample["input_id"] in view["items"][0]
