@@ -74,7 +74,7 @@ def parse(payload: bytes, tasks: Mapping[str, Any], allow_new_labels: Callable[[
         raise _bad("give 'result_id' of a published result, or the note's 'text'")
     if len(text) > MAX_TEXT_CHARS:
         raise _bad(f"'text' longer than {MAX_TEXT_CHARS} characters")
-    live = (result or {}).get("results", {}).get(name) if result is not None else None
+    live = result.get("results", {}).get(name) if result is not None else None  # what was published
 
     if "label" in obj:
         labels = getattr(task, "labels", None)

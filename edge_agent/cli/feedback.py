@@ -9,17 +9,12 @@ from pathlib import Path
 
 from ..outbox.admin import correction_stats, corrections
 from .exit_codes import guarded
-
-
-def _path(args: argparse.Namespace) -> Path:
-    from .. import config
-
-    return Path(config.load(args.config).outbox.path)
+from .outbox import outbox_path
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     n = 0
-    for row in corrections(_path(args), args.task):
+    for row in corrections(outbox_path(args), args.task):
         print(json.dumps(row, ensure_ascii=False))
         n += 1
     print(f"edge-agent: exported {n} correction(s)", file=sys.stderr)
@@ -27,7 +22,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    s = correction_stats(_path(args))
+    s = correction_stats(outbox_path(args))
     if args.json:
         print(json.dumps(s, indent=2, ensure_ascii=False))
         return 0

@@ -13,7 +13,8 @@ from ..outbox.admin import export, purge, stats
 from .exit_codes import guarded
 
 
-def _path(args: argparse.Namespace) -> Path:
+def outbox_path(args: argparse.Namespace) -> Path:
+    """The outbox file the --config names (the feedback commands read it too)."""
     from .. import config
 
     return Path(config.load(args.config).outbox.path)
@@ -40,7 +41,7 @@ def _size(n: int) -> str:
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
-    s = stats(_path(args))
+    s = stats(outbox_path(args))
     if args.json:
         print(json.dumps(s, indent=2))
         return 0
@@ -62,7 +63,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    path = _path(args)
+    path = outbox_path(args)
     if args.out is None:
         n = export(path, sys.stdout, args.topic)
     else:
@@ -73,7 +74,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
-    path = _path(args)
+    path = outbox_path(args)
     n, size = purge(path, args.topic, args.older_than, dry_run=not args.yes)
     if not args.yes:
         print(f"edge-agent: this would delete {n} row(s), {_size(size)}, for good; add --yes to do it",
