@@ -134,6 +134,34 @@ def test_tokenizer_follows_the_engine(tmp_path):
     assert tok.encode("ab c").offsets[1:3] == [(0, 2), (2, 4)]
 
 
+def test_prune_keeps_the_tokens_and_vectors_of_text_in_its_scripts(tmp_path):
+    """Two Cyrillic pieces added to the tiny vocabulary: pruned to LATIN they are gone, Latin text gets the
+    same pieces, each with its own embedding row; a Cyrillic letter becomes <unk>."""
+    import dataclasses
+
+    import tokenizers
+
+    write_e5s1(tmp_path / "m.bin")
+    m = e5s1.read(tmp_path / "m.bin")
+    at = 6  # "▁д" and "д" inserted before "a", so that every later piece moves
+    rows = m.tensors["emb.word"]
+    m = dataclasses.replace(
+        m, pieces=[*m.pieces[:at], "▁д", "д", *m.pieces[at:]],
+        scores=np.insert(m.scores, at, [-1.0, -1.0]).astype(np.float32),
+        special={**m.special}, tensors={**m.tensors, "emb.word": np.insert(rows, at, rows[:2] + 1, axis=0)},
+        config={**m.config, "vocab": m.config["vocab"] + 2})
+    pruned = e5s1.prune(m, ("latin",))
+    assert pruned.pieces == PIECES and pruned.special == {"bos": 0, "eos": 2, "pad": 1, "unk": 3}
+    assert pruned.config["vocab"] == len(pruned.tensors["emb.word"]) == 16  # padding rows kept
+    full = tokenizers.Tokenizer.from_str(e5s1.tokenizer_json(m))
+    small = tokenizers.Tokenizer.from_str(e5s1.tokenizer_json(pruned))
+    for text in ("ab c", "abc d", "c  ab\tabc", "d\u200bab"):
+        a, b = full.encode(text), small.encode(text)
+        assert a.tokens == b.tokens, text
+        np.testing.assert_array_equal(m.tensors["emb.word"][a.ids], pruned.tensors["emb.word"][b.ids])
+    assert full.encode("дab").tokens[1] == "▁д" and small.encode("дab").ids[1:3] == [4, 3]  # "▁", <unk>
+
+
 def test_bert_folder_loads_in_transformers(tmp_path):
     transformers = pytest.importorskip("transformers")
     import torch
@@ -177,6 +205,23 @@ def test_e5_manifest_names_its_wheel_and_prefix(e5, e5_dir):
     (states, _, _), = e5.token_states(["query: pump seal leaking"])
     pooled = states.mean(axis=0)
     np.testing.assert_allclose(e5.embed(["pump seal leaking"])[0], pooled / np.linalg.norm(pooled), atol=1e-5)
+
+
+def test_latin_build_gives_the_same_vectors_in_half_the_memory(e5, e5_dir):
+    """multilingual-e5-small-latin: the vocabulary pruned to Latin-script pieces; English, German, Spanish,
+    Polish and Portuguese notes get exactly the full model's vectors."""
+    from edge_agent.models.encoder import Encoder
+    from edge_agent.models.manifest import verify
+    from tests.test_models import _cached_build
+
+    latin_dir = _cached_build("multilingual-e5-small-latin")
+    assert verify(latin_dir)["scripts"] == ["LATIN"]
+    size = {d: sum(f.stat().st_size for f in d.iterdir()) for d in (e5_dir, latin_dir)}
+    assert size[latin_dir] < 0.6 * size[e5_dir]
+    notes = ["pump P-101 seal leaking, replaced seal", "Pumpe P-101 undicht an der Gleitringdichtung",
+             "la válvula no cierra; se cambió el sello", "wymiana łożyska silnika M-3",
+             "Válvula de segurança com vazamento", "Förderband gerissen, 2,5 h Stillstand"]
+    np.testing.assert_array_equal(Encoder(latin_dir, intra_threads=2).embed(notes), e5.embed(notes))
 
 
 def test_e5_maps_german_and_spanish_paraphrases_to_their_english_note(e5):

