@@ -11,7 +11,8 @@ Per field, over the grounded result (`fields[name]`, a span of the note or null)
 - `hit`: share of the notes that have a gold span of the matching type (asset ~ PhysicalObject, symptom ~
   State, action ~ Activity) whose value overlaps one such span (character ranges intersect);
 - `empty_where_none`: share of the notes without such a gold span whose value is null;
-- `copies`: raw values (before grounding) equal to the prompt's worked example value ("pump P-204", ...).
+- `copies`: raw values (before grounding) equal to a worked example's value ("pump P-204", ...) that the
+  note itself does not contain (a note that says "leaking" may well be answered "leaking").
 Targets (issue 11): asset hit >= 0.95, action and symptom hit >= 0.85, empty where none >= 0.8, copies 0.
 
 Rows: `generator:<model>` for each built model among smollm2-135m-instruct, qwen2.5-coder-0.5b-instruct,
@@ -61,7 +62,7 @@ def _overlaps(gold: list[tuple[int, int]], span: dict[str, Any] | None) -> bool:
 
 def score(rows: list[dict[str, Any]], results: list[dict[str, Any]],
           raw: list[dict[str, str]] | None) -> dict[str, Any]:
-    example = example_values(_DEFAULT_FIELDS)
+    examples = example_values(_DEFAULT_FIELDS)
     per: dict[str, Any] = {}
     for f in GOLD_TYPE:
         have = [(r, res) for r, res in zip(rows, results, strict=True) if r["gold"][f]]
@@ -69,7 +70,10 @@ def score(rows: list[dict[str, Any]], results: list[dict[str, Any]],
 
         hits = sum(_overlaps(r["gold"][f], res["fields"][f]) for r, res in have)
         empty = sum(res["fields"][f] is None for _, res in none)
-        copies = None if raw is None else sum(v[f].strip().lower() == example[f].lower() for v in raw)
+        shown = {ex[f].lower() for ex in examples if ex[f]}
+        copies = None if raw is None else sum(
+            v[f].strip().lower() in shown and v[f].strip().lower() not in r["text"].lower()
+            for r, v in zip(rows, raw, strict=True))
         per[f] = {"hit": round(hits / len(have), 3) if have else None, "hit_n": f"{hits}/{len(have)}",
                   "empty_where_none": round(empty / len(none), 3) if none else None,
                   "empty_where_none_n": f"{empty}/{len(none)}", "copies": copies,

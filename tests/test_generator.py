@@ -20,7 +20,7 @@ from edge_agent.tasks.generator import (
     grounded_result,
     result_schema,
 )
-from edge_agent.tasks.prompt import EXAMPLE_NOTE, chat_format, example_values
+from edge_agent.tasks.prompt import EXAMPLE_NOTE, EXAMPLES, chat_format, example_values
 from edge_agent.tasks.skeleton import value_end, value_text
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,16 +131,19 @@ def test_schema_accepts_field_names_that_shadow_pydantic_attributes() -> None:
     schema.model_validate({"fields": dict.fromkeys(names), "ungrounded": ["json"]})
 
 
-def test_worked_example_values_are_spans_of_the_example_note() -> None:
+def test_worked_example_values_are_spans_of_their_notes() -> None:
     defaults = GeneratorTaskConfig.model_validate({"kind": "generator", "model": "m"}).fields
     values = example_values(defaults)
-    assert values == {"asset": "pump P-204", "symptom": "high vibration",
-                      "action": "replaced bearing"}
+    assert values[0] == {"asset": "pump P-204", "symptom": "high vibration", "action": "replaced bearing"}
+    # The other examples show "" for what a note does not say: a problem only, jobs only.
+    assert [v["symptom"] for v in values[1:]] == ["leaking oil", "", ""]
+    assert [v["action"] for v in values[1:]] == ["", "inspect and grease", "remove and refit"]
     custom = example_values({"root_cause": "why it failed", "fault_code": "", "colour": "paint colour",
                              "kit": "spare parts used"})
-    assert custom == {"root_cause": "misalignment", "fault_code": "E-042", "colour": "", "kit": "bearing"}
-    for v in (*values.values(), *custom.values()):
-        assert v in EXAMPLE_NOTE
+    assert custom[0] == {"root_cause": "misalignment", "fault_code": "E-042", "colour": "", "kit": "bearing"}
+    assert custom[2]["kit"] == "bearings" and custom[3]["kit"] == ""
+    assert all(v in EXAMPLES[i % len(EXAMPLES)][0] for i, shown in enumerate([*values, *custom])
+               for v in shown.values())
 
 
 @pytest.mark.parametrize(("pieces", "end", "value"), [
@@ -239,9 +242,10 @@ def test_prompt_is_chatml_with_the_worked_example(task: GeneratorTask) -> None:
     text = p.tokenizer.decode([vocab[t] for t in p.prompt(NOTES[3])], skip_special_tokens=False)
     assert text.startswith("<|im_start|>system\n")
     assert EXAMPLE_NOTE in text and '{"asset": "pump P-204", "symptom": "high vibration"' in text
-    # The note's own <|im_end|> is broken up: exactly 3 turns end (system, example user, example assistant)
+    assert all(note in text for note, _ in EXAMPLES)
+    # The note's own <|im_end|> is broken up: exactly 9 turns end (system, 4 x example user and assistant)
     # before the note's turn.
-    assert text.count("<|im_end|>") == 4
+    assert text.count("<|im_end|>") == 10
     assert text.endswith('<|im_end|>\n<|im_start|>assistant\n{"asset":')
 
 
@@ -282,7 +286,8 @@ def test_qwen_leaves_a_field_empty_when_the_note_does_not_say() -> None:
     finally:
         t.close()
     assert res["fields"]["symptom"] is None and res["ungrounded"] == []
-    assert res["fields"]["asset"] == {"text": "loader", "start": 29, "end": 35}
+    assert res["fields"]["asset"] == {"text": "hydraulic hose", "start": 11, "end": 25}
+    assert res["fields"]["action"] == {"text": "change out", "start": 0, "end": 10}
 
 
 @needs_model
@@ -331,7 +336,7 @@ def test_cli_predict_writes_one_result_per_input_line(model: Path) -> None:
     assert len(out) == 3 and "error" in out[1]
     for text, res in ((json.loads(lines[0])["text"], out[0]), (json.loads(lines[2])["text"], out[2])):
         check_result(result_schema(["asset", "action"]), text, res)
-    assert out[0]["fields"]["action"]["text"] == "replace belt"
+    assert out[0]["fields"]["action"]["text"] in ("replace", "replace belt")  # the verb, or with its object
     bad = subprocess.run([sys.executable, "-m", "edge_agent", "generator", "predict", "--model", str(model),
                           "--fields", "Asset"], input="", capture_output=True, text=True, timeout=300, env=env,
                          cwd=REPO)
