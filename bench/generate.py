@@ -9,13 +9,15 @@ Both sides get the same prompts and the same procedure, greedy, each in its own 
   quote, an end-of-turn token or max_field_tokens (16) (edge_agent.tasks.skeleton, shared by both sides);
   keep the generated tokens, append the next key's tokens, go on. Values are compared between the sides
   (`agreement`: all fields equal).
-- ours: GeneratorTask.generate over all notes at once (notes of equal prompt length decoded together, static
-  prompt = system + example, cached by CTranslate2), with inter_threads = cores and intra_threads = 1 (rows
-  generate_threads and _1_thread show the alternatives). It computes the same procedure in two stages: a
-  free run that follows the skeleton token by token and stops a note where the model writes anything else
-  than the next key, then the forced rounds for the fields left (see edge_agent.tasks.generator). Every token is
-  forwarded once, as by the peer; the peer forces the keys (a prefill of a few tokens, cheaper for it than
-  decoding them) because it keeps a note's state between calls, which CTranslate2 cannot.
+- ours: GeneratorTask.generate over all notes at once (notes of equal prompt length decoded together, at
+  most the task's batch_size (8) per model call, static prompt = system + worked examples, cached by
+  CTranslate2), with the task's default threads: inter_threads 1, intra_threads min(4, cores) (rows
+  generate_threads and _1_thread show the alternatives; generate_batching one note per call). It computes
+  the same procedure in two stages: a free run that follows the skeleton token by token and stops a note where the
+  model writes anything else than the next key, then the forced rounds for the fields left (see
+  edge_agent.tasks.generator). Every token is forwarded once, as by the peer; the peer forces the keys (a prefill of
+  a few tokens, cheaper for it than decoding them) because it keeps a note's state between calls, which CTranslate2
+  cannot.
 - peer: llama_cpp.Llama (n_threads as ours, n_ctx 1024), one note at a time, Llama.generate(top_k=1, temp=0),
   which reuses the longest common prefix of its KV cache with the previous call: the static prompt and, within
   a note, everything forced so far (llama.cpp's equivalent of the prompt cache, arguably stronger than ours).
@@ -180,10 +182,10 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
     timeout = 900
 
     def ours(**kw: Any) -> dict[str, Any]:
-        # Our 2-core configuration: two batches at once, one thread each (inter_threads = cores, intra 1):
-        # ~15 % more notes/s than intra_threads = 2 here (row generate_threads). Notes per model call: the
-        # task's default `batch_size` (8; memory grows with it).
-        job = {**base, "threads": 1, "inter_threads": threads, "static_prompt": True,
+        # The task's defaults: one batch at a time on min(4, cores) threads (intra_threads 0, inter_threads
+        # 1), `batch_size` notes per model call (8). Two batches at once on one thread each is a little
+        # faster on 2 cores but needs ~0.6 GB more with Qwen 0.5B (row generate_threads).
+        job = {**base, "threads": threads, "inter_threads": 1, "static_prompt": True,
                "batch_size": GeneratorTaskConfig.model_fields["batch_size"].default, **kw}
         return _spawn(sys.executable, "ours", job, timeout)
 
@@ -214,7 +216,7 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
                            "peer": None,
                            "peer_name": f"llama-cpp-python, same GGUF weights ({gguf_name(name)}), same prompts "
                                         "and procedure",
-                           "ours_cpu_ms_per_note": cpu_ms(best), "ours_threads": f"inter {threads} x intra 1",
+                           "ours_cpu_ms_per_note": cpu_ms(best), "ours_threads": f"inter 1 x intra {threads}",
                            "peer_threads": f"n_threads {threads}", **common}
     if runs["peer"]:
         peer = min(runs["peer"], key=lambda x: x["wall_s"])
@@ -243,9 +245,9 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
                      "peer_cpu_ms_per_note": cpu_ms(one_peer), **common, "threads": 1})
 
     if not quick:
-        intra = ours(threads=threads, inter_threads=1)
+        intra = ours(threads=1, inter_threads=threads)
         rows.append({"name": "generate_threads", "unit": "notes/s", "ours": rate(best), "peer": rate(intra),
-                     "peer_name": f"ours with intra_threads {threads}, inter_threads 1",
+                     "peer_name": f"ours with inter_threads {threads}, intra_threads 1",
                      "ours_cpu_ms_per_note": cpu_ms(best), "peer_cpu_ms_per_note": cpu_ms(intra), **common})
 
     # The prompt cache: the same run without static_prompt (the whole prompt forwarded for every field).
