@@ -369,6 +369,13 @@ class GeneratorTaskConfig(_Frozen):
         8, ge=1, le=256,
         description="notes per model call at most; memory grows with it (Qwen 0.5B: 1.24 GB peak at 8, 2.4 GB at 32)",
     )
+    batch_tokens: int = Field(
+        512, ge=16, le=65536,
+        description="prompt tokens (a note's own, after the cached static prompt) per model call at most; a note "
+                    "longer than this runs alone. CTranslate2 computes the vocabulary's logits for every prompt "
+                    "token of a batch: ~0.6 MB each with Qwen's 152k vocabulary, so this bounds the memory that "
+                    "long notes take (8 notes of 512 tokens would need ~2.4 GB)",
+    )
 
     @field_validator("fields")
     @classmethod

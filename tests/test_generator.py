@@ -14,6 +14,7 @@ from edge_agent.errors import ModelError
 from edge_agent.message import Note
 from edge_agent.tasks.generator import (
     GeneratorTask,
+    batches,
     check_result,
     ground,
     ground_words,
@@ -233,6 +234,36 @@ def test_deterministic_and_batch_equals_one_by_one(task: GeneratorTask, batch: l
     assert task.process(notes) == batch
     assert [task.process([n])[0] for n in notes] == batch
     assert task.process([]) == []
+
+
+def test_batches_hold_one_length_and_keep_to_both_bounds() -> None:
+    assert batches([16, 24, 16, 16, 24], 2, 512) == [[0, 2], [3], [1, 4]]
+    # 100-token prompts: 5 fit 512 tokens; a prompt over the budget runs alone
+    assert batches([100] * 7, 8, 512) == [[0, 1, 2, 3, 4], [5, 6]]
+    assert batches([600, 600, 8], 8, 512) == [[0], [1], [2]]
+    assert batches([], 8, 512) == []
+
+
+@needs_model
+def test_a_token_budget_changes_the_batches_not_the_results(batch: list[dict[str, Any]]) -> None:
+    """batch_tokens = 16: every note's prompt is longer, so each runs alone (with the other notes of its
+    length, batches of up to 8 at the default): the results are the same."""
+    cfg = GeneratorTaskConfig.model_validate({"kind": "generator", "model": str(MODEL), "intra_threads": 1,
+                                              "batch_tokens": 16})
+    t = GeneratorTask("extract", cfg)
+    calls: list[int] = []
+    model_generate = t._model.generate_batch
+
+    def counted(prompts: list[list[str]], **kw: Any) -> Any:
+        calls.append(len(prompts))
+        return model_generate(prompts, **kw)
+
+    t._model = type("Counted", (), {"generate_batch": staticmethod(counted), "unload_model": lambda self: None})()
+    try:
+        assert t.process([Note(text=x, topic="plant/l1/notes") for x in NOTES]) == batch
+    finally:
+        t._model = None
+    assert calls and max(calls) == 1
 
 
 @needs_model

@@ -166,6 +166,20 @@ def grounded_result(text: str, values: dict[str, str]) -> dict[str, Any]:
     return {"fields": fields, "ungrounded": ungrounded}
 
 
+def batches(lengths: Sequence[int], batch_size: int, batch_tokens: int) -> list[list[int]]:
+    """The indices of the prompts of each model call: prompts of one length only, at most `batch_size` of
+    them and at most `batch_tokens` tokens in all (one prompt alone when it is longer), in first-seen order
+    of length and each prompt's order within it."""
+    by_length: dict[int, list[int]] = {}
+    for i, n in enumerate(lengths):
+        by_length.setdefault(n, []).append(i)
+    out = []
+    for n, group in by_length.items():
+        size = max(1, min(batch_size, batch_tokens // max(n, 1)))
+        out += [group[k : k + size] for k in range(0, len(group), size)]
+    return out
+
+
 class Span(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     text: str = Field(min_length=1)
@@ -217,6 +231,7 @@ class GeneratorTask:
         self.cfg = cfg
         self.fields = dict(cfg.fields)
         self.batch_size = batch_size or cfg.batch_size
+        self.batch_tokens = cfg.batch_tokens
         self.pad_multiple = pad_multiple
         self.use_static_prompt = static_prompt
         model_dir = Path(cfg.model)
@@ -243,17 +258,14 @@ class GeneratorTask:
 
     def _run(self, prompts: Sequence[list[str]], options: dict[str, Any],
              callback: Callable[[int, int], bool] | None = None) -> list[list[int]]:
-        """Generate for every prompt, in batches of equal length: the ids generated after each prompt, up to
-        and with the stop token. `callback(prompt index, token id)` is called for each generated token and
-        stops that prompt's generation when it returns True."""
+        """Generate for every prompt (what follows the static prompt), in batches of equal length (`batches`):
+        the ids generated after each prompt, up to and with the stop token. `callback(prompt index, token id)`
+        is called for each generated token and stops that prompt's generation when it returns True."""
         if self._model is None:
             raise ModelError(f"task {self.name!r} is closed")
+        groups = batches([len(p) for p in prompts], self.batch_size, self.batch_tokens)
         if not self.use_static_prompt:
             prompts = [self.prompter.static + p for p in prompts]
-        by_length: dict[int, list[int]] = {}
-        for i, p in enumerate(prompts):
-            by_length.setdefault(len(p), []).append(i)
-        groups = [g[k : k + self.batch_size] for g in by_length.values() for k in range(0, len(g), self.batch_size)]
         # Submitted together so that inter_threads > 1 runs groups in parallel (CTranslate2 drops the GIL).
         pending = []
         for g in groups:
