@@ -11,7 +11,7 @@ first send and a consumer's last receipt can be subtracted across processes.
     python -m bench.common publisher --port P --n N [--inflight 1000]
     python -m bench.common rows      --port P --db OUTBOX.db [--inflight 64]
     python -m bench.common agent     --config C.toml --log-level warning --log-file F
-    python -m bench.common relay     --port P
+    python -m bench.common relay     --port P [--uplink-port U]
 
 (from the repository root: the broker, the in-process agent runner and the config builder are tests/kit's).
 
@@ -210,11 +210,12 @@ SOURCE_RECEIVE_MAXIMUM = 65535
 
 def agent_config(path: Path, *, port: int, outbox: Path, level: str, source: dict[str, Any] | None = None,
                  sink: dict[str, Any] | None = None, tasks: tuple[str, ...] = ("patterns",),
-                 task_tables: dict[str, Any] | None = None) -> Path:
+                 task_tables: dict[str, Any] | None = None, pipeline: dict[str, Any] | None = None) -> Path:
     """The bench agent: one broker for source and sink, one route running `tasks` (default: the built-in
     patterns task; others declared in `task_tables`, the config's [tasks] table), the pipeline/sink defaults
     except session_expiry = 0, so that no source session outlives its round and soaks up the peer's notes,
-    and receive_maximum = SOURCE_RECEIVE_MAXIMUM, as the relay's; `source` and `sink` add settings."""
+    and receive_maximum = SOURCE_RECEIVE_MAXIMUM, as the relay's; `source`, `sink` and `pipeline` add settings
+    (`sink={"port": U}` puts the sink on a second broker)."""
     cfg: dict[str, Any] = {
         "gateway_id": "gw-bench",
         "source": {"port": port, "session_expiry": 0, "receive_maximum": SOURCE_RECEIVE_MAXIMUM,
@@ -227,6 +228,8 @@ def agent_config(path: Path, *, port: int, outbox: Path, level: str, source: dic
     }
     if task_tables:
         cfg["tasks"] = task_tables
+    if pipeline:
+        cfg["pipeline"] = pipeline
     return write_toml(path, cfg)
 
 
@@ -441,12 +444,20 @@ def child_rows(a: argparse.Namespace) -> None:
 
 def child_relay(a: argparse.Namespace) -> None:
     """The passthrough peer: a plain paho relay. Subscribes IN_FILTER QoS 1 (paho acks each message when
-    on_message returns) and republishes each message QoS 1 to OUT_PREFIX + topic on the same client."""
+    on_message returns) and republishes each message QoS 1 to OUT_PREFIX + topic: on the same client, or,
+    with --uplink-port (a second broker, as the agent's sink), on a second client connected there."""
     c = _client("relay", inflight=a.inflight)
+    out = c
+    if a.uplink_port and a.uplink_port != a.port:
+        out = _client("relay-out", inflight=a.inflight)
+        up = threading.Event()
+        out.on_connect = lambda *_: up.set()
+        _connect(out, a.uplink_port)
+        up.wait(10)
     relayed = [0]
 
-    def on_message(cl, _u, msg) -> None:
-        cl.publish(OUT_PREFIX + msg.topic, msg.payload, qos=1)
+    def on_message(_cl, _u, msg) -> None:
+        out.publish(OUT_PREFIX + msg.topic, msg.payload, qos=1)
         relayed[0] += 1
 
     c.on_connect = lambda cl, *_: cl.subscribe(IN_FILTER, qos=1)
@@ -455,14 +466,16 @@ def child_relay(a: argparse.Namespace) -> None:
     _connect(c, a.port, receive_maximum=a.receive_maximum)
     _wait_stop()
     cpu = time.process_time()
-    c.disconnect()
-    c.loop_stop()
+    for cl in {id(c): c, id(out): out}.values():
+        cl.disconnect()
+        cl.loop_stop()
     _emit("stopped", relayed=relayed[0], cpu_s=cpu)
 
 
 def child_agent(a: argparse.Namespace) -> None:
     """The agent in-process (tests/kit's Running: Agent.run on a thread with a stop Event), logging through
-    edge_agent.logs at the given level as JSON into log_file (e.g. /dev/null)."""
+    edge_agent.logs at the given level as JSON into log_file (e.g. /dev/null). "ready" once both connections
+    are up (with --without-sink: the source alone, for an uplink that is down on purpose)."""
     from edge_agent import logs
     from tests.kit.agent import Running
 
@@ -473,11 +486,14 @@ def child_agent(a: argparse.Namespace) -> None:
     agent = running.agent
     _emit("started", t0=t0)
     up = wait_for(lambda: agent.source is not None and agent.source.connected.is_set()
-                  and agent.sink is not None and agent.sink.connected.is_set(), timeout=30, interval=0.01)
+                  and (a.without_sink or (agent.sink is not None and agent.sink.connected.is_set())),
+                  timeout=30, interval=0.01)
     t_connected = time.monotonic()
     if a.settle:
         time.sleep(a.settle)  # the source's SUBSCRIBE is sent on connect; let the SUBACK land
     _emit("ready", t_connected=t_connected, up=up, cpu_s=time.process_time())
+    if a.watch_replayed:
+        threading.Thread(target=_watch_replayed, args=(agent, a.watch_replayed), daemon=True).start()
     _wait_stop()
     assert agent.pipeline is not None and agent.sink is not None and agent.source is not None
     fields = {"received": agent.source.received, "backpressure_waits": agent.source.backpressure,
@@ -487,6 +503,21 @@ def child_agent(a: argparse.Namespace) -> None:
               "cpu_s": time.process_time()}
     running.stop(timeout=60)
     _emit("stopped", **fields)
+
+
+def _watch_replayed(agent: Any, n: int) -> None:
+    """Emit "replaying" when the sink hands its first replayed row to paho and "replayed" once it has handed
+    n (polled every 5 ms): when the backlog lane ran, as seen from the agent, not from a consumer."""
+    started = False
+    while True:
+        count = agent.sink.replayed
+        if count and not started:
+            started = True
+            _emit("replaying", t=time.monotonic())
+        if count >= n:
+            _emit("replayed", t=time.monotonic(), n=count)
+            return
+        time.sleep(0.005)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -515,12 +546,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--inflight", type=int, default=64)
     p.add_argument("--receive-maximum", type=int, default=SOURCE_RECEIVE_MAXIMUM)
+    p.add_argument("--uplink-port", type=int, help="publish to this broker (default: the one at --port)")
     p.set_defaults(func=child_relay)
     p = sub.add_parser("agent")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--log-level", default="warning")
     p.add_argument("--log-file", default=os.devnull)
     p.add_argument("--settle", type=float, default=0.0)
+    p.add_argument("--without-sink", action="store_true", help="ready without waiting for the uplink")
+    p.add_argument("--watch-replayed", type=int, default=0, help="report when the sink replayed this many rows")
     p.set_defaults(func=child_agent)
     a = ap.parse_args(argv)
     a.func(a)

@@ -29,7 +29,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 NAMES = ("passthrough", "outbox_append", "drain", "classify", "generate", "scale", "sparkplug", "soak", "bridge",
-         "footprint")
+         "footprint", "latency")
 MISSING_PEER = 3  # exit status: a peer is not installed
 MODEL_BUILD_FAILED = 4
 
