@@ -319,7 +319,8 @@ class PatternsTaskConfig(_Frozen):
 
 
 class _EncoderTask(_Frozen):
-    model: Path = Field(description="model directory made by `edge-agent models build` (verified at load)")
+    model: Path = Field(description="model directory made by `edge-agent models build` or a workstation tuner "
+                        "(edge_agent.train: finetune_classifier, align_encoder); verified at load")
     intra_threads: int = Field(0, ge=0, le=64, description="threads per batch; 0 = min(4, CPU cores)")
     inter_threads: int = Field(1, ge=1, le=16, description="batches run in parallel")
     max_length: int = Field(128, ge=8, le=512, description="tokens per note; longer notes are truncated")
