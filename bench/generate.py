@@ -12,7 +12,7 @@ Both sides get the same prompts and the same procedure, greedy, each in its own 
 - ours: GeneratorTask.generate over all notes at once (notes of equal prompt length decoded together, at
   most the task's batch_size (8) per model call, static prompt = system + worked examples, cached by
   CTranslate2), with the task's default threads: inter_threads 1, intra_threads min(4, cores) (rows
-  generate_threads and _1_thread show the alternatives; generate_batching one note per call). It computes
+  `/inter_threads=N` and _1_thread show the alternatives; generate_batching one note per call). It computes
   the same procedure in two stages: a free run that follows the skeleton token by token and stops a note where the
   model writes anything else than the next key, then the forced rounds for the fields left (see
   edge_agent.tasks.generator). Every token is forwarded once, as by the peer; the peer forces the keys (a prefill of
@@ -97,7 +97,10 @@ def child_ours(job: dict[str, Any]) -> dict[str, Any]:
         values += task.generate(texts[start : start + job["call_size"]])
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     task.close()
-    return {"wall_s": wall, "cpu_s": cpu, "values": values}
+    import resource
+
+    return {"wall_s": wall, "cpu_s": cpu, "values": values,
+            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def child_peer(job: dict[str, Any]) -> dict[str, Any]:
@@ -184,7 +187,7 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
     def ours(**kw: Any) -> dict[str, Any]:
         # The task's defaults: one batch at a time on min(4, cores) threads (intra_threads 0, inter_threads
         # 1), `batch_size` notes per model call (8). Two batches at once on one thread each is a little
-        # faster on 2 cores but needs ~0.6 GB more with Qwen 0.5B (row generate_threads).
+        # faster on 2 cores but needs ~0.5 GB more with Qwen 0.5B (rows `.../inter_threads=N`).
         job = {**base, "threads": threads, "inter_threads": 1, "static_prompt": True,
                "batch_size": GeneratorTaskConfig.model_fields["batch_size"].default, **kw}
         return _spawn(sys.executable, "ours", job, timeout)
@@ -226,7 +229,17 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
                    agreement=round(sum(a == b for a, b in zip(best["values"], peer["values"], strict=True)) / n, 3))
     else:
         row["peer_missing"] = why_not
+    row["ours_peak_rss_mb"] = best["peak_rss_mb"]
     rows.append(row)
+    if runs["peer"]:
+        # The other thread layout against the same peer run: two batches at once on one thread each. Faster
+        # on 2 cores, but each batch in flight holds its own prompt state (Qwen 0.5B: ~1.9 vs ~1.45 GB).
+        inter = ours(threads=1, inter_threads=threads)
+        rows.append({**row, "name": f"generate_notes_per_s{suffix}/inter_threads={threads}", "ours": rate(inter),
+                     "ours_cpu_ms_per_note": cpu_ms(inter), "ours_threads": f"inter {threads} x intra 1",
+                     "ours_peak_rss_mb": inter["peak_rss_mb"], "ours_rounds": [rate(inter)],
+                     "agreement": round(sum(a == b for a, b in zip(inter["values"], peer["values"], strict=True)) / n,
+                                        3)})
 
     # Batching: one note per call (what a daemon does when messages trickle in) vs the batch at once.
     single = ours(call_size=1)
@@ -243,12 +256,6 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
         rows.append({"name": "generate_notes_per_s_1_thread", "unit": "notes/s", "ours": rate(one_ours),
                      "peer": rate(one_peer), "peer_name": row["peer_name"], "ours_cpu_ms_per_note": cpu_ms(one_ours),
                      "peer_cpu_ms_per_note": cpu_ms(one_peer), **common, "threads": 1})
-
-    if not quick:
-        intra = ours(threads=1, inter_threads=threads)
-        rows.append({"name": "generate_threads", "unit": "notes/s", "ours": rate(best), "peer": rate(intra),
-                     "peer_name": f"ours with inter_threads {threads}, intra_threads 1",
-                     "ours_cpu_ms_per_note": cpu_ms(best), "peer_cpu_ms_per_note": cpu_ms(intra), **common})
 
     # The prompt cache: the same run without static_prompt (the whole prompt forwarded for every field).
     nocache = ours(static_prompt=False)
