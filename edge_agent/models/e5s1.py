@@ -164,7 +164,7 @@ def prune(m: E5S1, scripts: tuple[str, ...]) -> E5S1:
     special = set(m.special.values())
     keep = [i for i, piece in enumerate(m.pieces)
             if i in special or (piece.startswith("<") and piece.endswith(">"))
-            or all(script(ch) in wanted for ch in piece if script(ch) is not None)]
+            or all(s is None or s in wanted for s in map(script, piece))]
     where = {old: new for new, old in enumerate(keep)}
     tensors = dict(m.tensors)
     # Rows past the pieces (the file pads the table: 250,037 rows for 250,002 pieces) stay as they are:

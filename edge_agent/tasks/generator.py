@@ -231,7 +231,6 @@ class GeneratorTask:
         self.cfg = cfg
         self.fields = dict(cfg.fields)
         self.batch_size = batch_size or cfg.batch_size
-        self.batch_tokens = cfg.batch_tokens
         self.pad_multiple = pad_multiple
         self.use_static_prompt = static_prompt
         model_dir = Path(cfg.model)
@@ -263,7 +262,7 @@ class GeneratorTask:
         is called for each generated token and stops that prompt's generation when it returns True."""
         if self._model is None:
             raise ModelError(f"task {self.name!r} is closed")
-        groups = batches([len(p) for p in prompts], self.batch_size, self.batch_tokens)
+        groups = batches([len(p) for p in prompts], self.batch_size, self.cfg.batch_tokens)
         if not self.use_static_prompt:
             prompts = [self.prompter.static + p for p in prompts]
         # Submitted together so that inter_threads > 1 runs groups in parallel (CTranslate2 drops the GIL).
