@@ -372,7 +372,8 @@ class GeneratorTaskConfig(_Frozen):
     inter_threads: int = Field(1, ge=1, le=16)
     batch_size: int = Field(
         8, ge=1, le=256,
-        description="notes per model call at most; memory grows with it (Qwen 0.5B: 1.24 GB peak at 8, 2.4 GB at 32)",
+        description="notes per model call at most; memory grows with it (Qwen 0.5B's task: 1.43 GB peak at 8, "
+                    "bench/run.py generate)",
     )
     batch_tokens: int = Field(
         512, ge=16, le=65536,
