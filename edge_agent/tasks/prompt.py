@@ -2,14 +2,14 @@
 
 Prompt (ChatML or another known chat format, read from tokenizer_config.json's chat_template): a system turn
 (instruction + the fields and their descriptions), four worked examples (each a user turn with a maintenance
-note, an assistant turn with its JSON), then the note. Everything up to the note is the same for every
-message: it is passed as `static_prompt`, which CTranslate2 forwards once and caches, so the examples cost
-no prefill per note (Qwen 0.5B: 1.97 vs 1.45 notes/s without the cache; for SmolLM2 the cache stops paying
-past ~200 tokens, and these 269 make it slower than without: bench/run.py generate, `generate_prompt_cache`). The examples' values are spans of fixed, realistic notes
-(`EXAMPLES`); a configured field gets, in each example, the value of the category whose keywords appear in
-its name (then its description), or "" when none fits or the note does not mention it (which shows the
-model that "" is how to say "not mentioned": with one full example, Qwen 0.5B filled symptom on 44 % of
-MaintIE dev notes that have none).
+note, an assistant turn with its JSON), then the note. Everything up to the note is the same for every message:
+it is passed as `static_prompt`, which CTranslate2 forwards once and caches, so the examples cost no prefill per
+note (Qwen 0.5B: 1.97 vs 1.45 notes/s without the cache; for SmolLM2 the cache stops paying past ~200 tokens,
+and these 269 make it slower than without: bench/run.py generate, `generate_prompt_cache`). The examples' values
+are spans of fixed, realistic notes (`EXAMPLES`); a configured field gets, in each example, the value of the
+category whose keywords appear in its name (then its description), or "" when none fits or the note does not
+mention it (which shows the model that "" is how to say "not mentioned": with one full example, Qwen 0.5B filled
+symptom on 44 % of MaintIE dev notes that have none).
 """
 
 from __future__ import annotations
