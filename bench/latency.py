@@ -64,6 +64,7 @@ from bench.common import (
     PUBLISHER_INFLIGHT,
     Child,
     Round,
+    _emit,
     agent_config,
     bench_broker,
     make_notes,
@@ -104,10 +105,6 @@ def _labels() -> dict[str, str]:
 
 
 # -- the children ---------------------------------------------------------------------------------------
-
-
-def _emit(event: str, **fields: object) -> None:
-    print(json.dumps({"event": event, **fields}), flush=True)
 
 
 def _nearest_rank(xs: list[float], q: float) -> float | None:
